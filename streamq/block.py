@@ -1,0 +1,154 @@
+"""One decoder block end to end: capture its inputs, search, apply, quantize to output tensors.
+
+Shared by the unstreamed reference and the streaming engine, so both run the same math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .families import Family
+from .pack import pack_linear
+from .quant import STORAGE_DTYPE, check_group_size, quant_params, quantize
+from .search import (
+    Chunks,
+    ClipRecord,
+    ScaleRecord,
+    act_scale,
+    apply_clip,
+    apply_scale,
+    fixed_scale,
+    keep_salient_quantize,
+    run_module,
+    salient_channels,
+    sample_tokens,
+    search_clip,
+    search_scale,
+)
+
+
+@dataclass
+class BlockRecords:
+    """Everything the search decided for one block: enough to replay it exactly."""
+
+    scales: list[ScaleRecord] = field(default_factory=list)
+    clips: list[ClipRecord] = field(default_factory=list)
+    salient: dict[str, torch.Tensor] = field(default_factory=dict)  # keep1: kept channels
+
+
+def linear_names(block: nn.Module) -> list[str]:
+    return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
+def input_source(block: nn.Module, family: Family, config: Any) -> dict[str, str]:
+    """For each linear, the linear whose captured input it shares (the first of its group)."""
+    source = {name: name for name in linear_names(block)}
+    for group in family.scale_groups(config):
+        for name in group.linears:
+            source[name] = group.linears[0]
+    return source
+
+
+def check_shapes(block: nn.Module, prefix: str, group_size: int) -> None:
+    for name in linear_names(block):
+        check_group_size(block.get_submodule(name).in_features, group_size, f"{prefix}{name}")
+
+
+@torch.no_grad()
+def capture(
+    block: nn.Module, x_chunks: Chunks, kwargs: dict, names: set[str]
+) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """Run the unmodified block over the chunks; return the inputs of `names` per chunk
+    (as [b, T, C]) and the block outputs (the next block's inputs)."""
+    feats: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    current: list[tuple[int, int]] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            b, t = current[0]
+            feats[name].append(args[0].detach().reshape(b, t, -1))  # OPT flattens tokens
+        return record
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    outs = []
+    try:
+        for x in x_chunks:
+            current[:] = [(x.shape[0], x.shape[1])]
+            outs.append(run_module(block, x, kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    return feats, outs
+
+
+@torch.no_grad()
+def search_block(
+    block: nn.Module,
+    family: Family,
+    config: Any,
+    feats: dict[str, list[torch.Tensor]],
+    kwargs: dict,
+    qcfg: QuantConfig,
+) -> BlockRecords:
+    """Search this block's scales and clips per qcfg.mode and apply them to `block` in place."""
+    records = BlockRecords()
+    source = input_source(block, family, config)
+    if qcfg.mode == "keep1":
+        for name in linear_names(block):
+            records.salient[name] = salient_channels(act_scale(feats[source[name]]), qcfg.salient_frac)
+        return records
+    if qcfg.mode in ("awq", "s2"):
+        for group in family.scale_groups(config):
+            x = feats[group.linears[0]]
+            x_mean = act_scale(x)
+            if qcfg.mode == "awq":
+                linears = [block.get_submodule(n) for n in group.linears]
+                inspect = block.get_submodule(group.inspect)
+                scales, losses = search_scale(inspect, linears, x, x_mean,
+                                              kwargs if group.inspect_takes_block_kwargs else {}, qcfg)
+            else:
+                scales, losses = fixed_scale(x_mean, qcfg.salient_frac), []
+            records.scales.append(ScaleRecord(group.prev_op, group.linears, scales, losses))
+        for record in records.scales:  # all searches saw the unscaled block, as in the paper
+            apply_scale(block, record)
+    if qcfg.mode == "awq":
+        scale_of = {n: r.scales for r in records.scales for n in r.linears}
+        for name in linear_names(block):
+            if name in family.no_clip:
+                continue
+            linear = block.get_submodule(name)
+            x_tok = sample_tokens(feats[source[name]], qcfg.clip_tokens)
+            if name in scale_of:  # the linear now sees x / s
+                x_tok = x_tok / scale_of[name].to(device=x_tok.device, dtype=x_tok.dtype)
+            record = ClipRecord(name, search_clip(linear.weight.data, x_tok, qcfg))
+            apply_clip(block, record)
+            records.clips.append(record)
+    return records
+
+
+@torch.no_grad()
+def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """The block's tensors as written to the checkpoint (names relative to the block, on the
+    host): packed qweight/qzeros/scales per linear, or fake-quantized fp16 weights for keep1;
+    every other tensor (norms, biases) in fp16."""
+    out: dict[str, torch.Tensor] = {}
+    linears = set(linear_names(block))
+    for name in linears:
+        w = block.get_submodule(name).weight.data
+        if qcfg.mode == "keep1":
+            out[f"{name}.weight"] = keep_salient_quantize(w, records.salient[name], qcfg).to(STORAGE_DTYPE).cpu()
+            continue
+        scales, zeros = quant_params(w, qcfg.w_bit, qcfg.group_size, qcfg.zero_point)
+        codes = quantize(w, scales, zeros, qcfg.w_bit)
+        for key, t in pack_linear(codes, scales, zeros).items():
+            out[f"{name}.{key}"] = t.cpu()
+    for key, t in block.state_dict().items():
+        if key.rsplit(".", 1)[0] in linears and key.endswith(".weight"):
+            continue
+        out[key] = t.to(STORAGE_DTYPE).cpu()
+    return dict(sorted(out.items()))

@@ -1,0 +1,88 @@
+"""The `streamq` command line: builds settings, calls one API function, prints errors."""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import CalibConfig, QuantConfig, parse_size
+from .errors import StreamqError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Layer-streaming AWQ quantization of Hugging Face causal language models.")
+
+
+class Mode(str, Enum):
+    awq = "awq"
+    rtn = "rtn"
+    s2 = "s2"
+    keep1 = "keep1"
+
+
+def fail(exc: StreamqError) -> None:
+    typer.echo(f"streamq: error: {exc}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main() -> None:
+    """Layer-streaming AWQ quantization of Hugging Face causal language models."""
+
+
+@app.command()
+def run(
+    model: Path = typer.Option(..., "--model", help="Local directory of a Hugging Face checkpoint "
+                               "(config.json + safetensors shards). Nothing is downloaded."),
+    output: Path = typer.Option(..., "--output", help="Directory to write the quantized checkpoint to."),
+    w_bit: int = typer.Option(4, "--w-bit", help="Bits per weight: 4 (AWQ GEMM format) or 3."),
+    group_size: int = typer.Option(128, "--group-size", help="Input channels per quantization group; "
+                                   "must divide every linear's input width (use 64 where 128 does not)."),
+    mode: Mode = typer.Option(Mode.awq, "--mode", help="awq: scale + clip search (the paper); rtn: round to "
+                              "nearest, no search; s2: scale the 1% most salient input channels by 2; "
+                              "keep1: keep the 1% most salient input channels in fp16 (written as fp16)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data: plain text, JSONL with a "
+                                         "'text' field, or token ids as a 1-D .pt/.npy. Default: the Python "
+                                         "language reference shipped with Python."),
+    n_samples: int = typer.Option(128, "--n-samples", help="Calibration samples (blocks of --seqlen tokens)."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration sample."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda[:N]."),
+    symmetric: bool = typer.Option(False, "--symmetric", help="Symmetric quantization (no data-dependent "
+                                   "zero point) instead of AWQ's asymmetric min/max."),
+    duo_scaling: bool = typer.Option(False, "--duo-scaling", help="Search s = mean|x|^a / mean|w|^(1-a), "
+                                     "as later AWQ tools default to; off to match the paper."),
+    shard_size: str = typer.Option("4GB", "--shard-size", help="Largest output shard, e.g. 4GB or 500MiB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+) -> None:
+    """Quantize a model with AWQ (or an ablation) and write an AWQ GEMM checkpoint."""
+    try:
+        from tqdm import tqdm
+
+        from . import reference
+
+        qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
+                           mode=mode.value, duo_scaling=duo_scaling)
+        ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen)
+        start = time.time()
+        bars: list[tqdm] = []
+
+        def on_block(done: int, total: int) -> None:
+            if not bars:
+                bars.append(tqdm(total=total, desc="quantizing", unit="block", file=sys.stderr))
+            bars[0].update(done - bars[0].n)
+
+        try:
+            result = reference.quantize(model, output, qcfg, ccfg, device=device,
+                                        shard_bytes=parse_size(shard_size), overwrite=overwrite,
+                                        on_block=on_block)
+        finally:
+            for bar in bars:
+                bar.close()
+    except StreamqError as exc:
+        fail(exc)
+    typer.echo(f"quantized {len(result.records)} blocks ({qcfg.mode}, INT{qcfg.w_bit}, group {qcfg.group_size})"
+               f" in {time.time() - start:.1f} s -> {output}")

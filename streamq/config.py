@@ -1,0 +1,69 @@
+"""Frozen settings of a quantization run, with a JSON round-trip for streamq.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from .errors import SettingsError
+
+MODES = ("awq", "rtn", "s2", "keep1")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'38GB' -> 38e9 bytes, '512MiB' -> 512 * 2^20 (decimal and binary units, any case)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS:
+        raise SettingsError(f"cannot read size {text!r}; write it like 38GB, 512MiB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What decides the quantized weights (everything here changes the output bytes)."""
+
+    w_bit: int = 4
+    group_size: int = 128
+    zero_point: bool = True  # asymmetric min/max with an integer zero point, as AWQ
+    mode: str = "awq"  # awq | rtn | s2 | keep1 (the rows of the paper's ablation table)
+    duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a); off to match the paper
+    n_grid: int = 20  # alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}
+    max_shrink: float = 0.5  # clip candidates: max * (1 - i/n_grid) for i < max_shrink*n_grid
+    clip_tokens: int = 512  # tokens sampled at a fixed stride for the clip search
+    salient_frac: float = 0.01  # share of input channels treated as salient by s2 and keep1
+
+    def __post_init__(self) -> None:
+        if self.w_bit not in (3, 4):
+            raise SettingsError(f"--w-bit must be 3 or 4, got {self.w_bit}")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise SettingsError(f"--group-size must be a positive multiple of 8, got {self.group_size}")
+        if self.mode not in MODES:
+            raise SettingsError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "QuantConfig":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Where the calibration tokens come from and how many."""
+
+    source: str | None = None  # a text/JSONL/.pt/.npy file; None = the built-in text
+    n_samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_samples <= 0 or self.seqlen <= 1:
+            raise SettingsError("--n-samples must be >= 1 and --seqlen >= 2")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)

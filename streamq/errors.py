@@ -1,0 +1,25 @@
+"""Errors a user can cause: one clear sentence each, printed by the CLI without a traceback."""
+
+
+class StreamqError(Exception):
+    """Base class of every user-facing error."""
+
+
+class InputError(StreamqError):
+    """A model directory, shard, or config that cannot be used as given."""
+
+
+class UnsupportedModelError(StreamqError):
+    """An architecture streamq has no adapter for."""
+
+
+class CalibrationError(StreamqError):
+    """Calibration data that cannot yield the requested samples."""
+
+
+class SettingsError(StreamqError):
+    """Quantization settings that do not fit the model."""
+
+
+class OutputError(StreamqError):
+    """An output directory that cannot be written as asked."""

@@ -1,0 +1,26 @@
+"""Model-family adapters; `detect` picks one from a Hugging Face config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UnsupportedModelError
+from .base import Family, ScaleGroup, build_block, hf_config_for_blocks
+from .llama import LLAMA
+from .opt import OPT
+
+FAMILIES: tuple[Family, ...] = (OPT, LLAMA)
+
+__all__ = ["Family", "ScaleGroup", "FAMILIES", "detect", "build_block", "hf_config_for_blocks"]
+
+
+def detect(config: Any) -> Family:
+    """The adapter for config.model_type, or a clear error listing what is supported."""
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise UnsupportedModelError(
+        f"unsupported architecture {model_type!r} (config.json model_type); supported: {supported}"
+    )

@@ -1,0 +1,43 @@
+"""OPT (facebook/opt-*): LayerNorm blocks, learned positions added before the first block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Family, ScaleGroup
+
+
+def _scale_groups(config: Any) -> list[ScaleGroup]:
+    return [
+        ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                   "self_attn", inspect_takes_block_kwargs=True),
+        ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+        ScaleGroup("final_layer_norm", ("fc1",), "fc1"),
+        ScaleGroup("fc1", ("fc2",), "fc2"),
+    ]
+
+
+def _block_kwargs(config: Any, seqlen: int, device: torch.device, dtype: torch.dtype) -> dict:
+    # Positions enter at the embedding; inside a block only the causal mask matters and
+    # SDPA applies it when attention_mask is None.
+    return {"attention_mask": None}
+
+
+def _extra_linears(config: Any) -> list[str]:
+    extra = ["lm_head"]
+    if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+        extra += ["model.decoder.project_in", "model.decoder.project_out"]
+    return extra
+
+
+OPT = Family(
+    name="opt",
+    model_types=("opt",),
+    layers_prefix="model.decoder.layers",
+    scale_groups=_scale_groups,
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+    block_kwargs=_block_kwargs,
+    extra_linears=_extra_linears,
+)

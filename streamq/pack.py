@@ -1,0 +1,48 @@
+"""Packing of integer codes into the AutoAWQ "GEMM" layout (what transformers and vLLM load).
+
+qweight int32 [in, out/8]: nibble i (bits 4i..4i+3) of int32 column c holds output column
+8c + AWQ_ORDER[i]; qzeros int32 [in/g, out/8] is packed the same way; scales fp16 [in/g, out].
+INT3 codes use the same 4-bit slots (values 0..7): an INT4 GEMM kernel fed these tensors
+computes exactly (q - z) * s, so the only thing that differs from INT4 is `bits` in the config.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_SLOT_BITS = 4
+_PER_INT32 = 32 // _SLOT_BITS
+
+
+def pack_gemm(codes: torch.Tensor) -> torch.Tensor:
+    """Pack codes [rows, cols] (values < 16) into int32 [rows, cols / 8] in AWQ order."""
+    rows, cols = codes.shape
+    if cols % _PER_INT32:
+        raise ValueError(f"packed width {cols} is not a multiple of {_PER_INT32}")
+    c = codes.to(torch.int64).reshape(rows, cols // _PER_INT32, _PER_INT32)[..., list(AWQ_ORDER)]
+    shifts = torch.arange(_PER_INT32, dtype=torch.int64, device=codes.device) * _SLOT_BITS
+    packed = (c << shifts).sum(dim=-1)  # disjoint bit ranges: the sum is a bitwise or
+    # reinterpret the unsigned 32-bit value as int32 (two's complement)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def unpack_gemm(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_gemm: int32 [rows, cols / 8] -> uint8 codes [rows, cols]."""
+    rows, n = packed.shape
+    shifts = torch.arange(_PER_INT32, dtype=torch.int32, device=packed.device) * _SLOT_BITS
+    nibbles = (packed[..., None] >> shifts) & 0xF  # nibble i = column AWQ_ORDER[i]
+    inverse = [AWQ_ORDER.index(j) for j in range(_PER_INT32)]
+    return nibbles[..., inverse].reshape(rows, n * _PER_INT32).to(torch.uint8)
+
+
+def pack_linear(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Tensors of one quantized linear from codes [out, in] and per-group scales/zeros [out, in/g]."""
+    return {
+        "qweight": pack_gemm(codes.t().contiguous()),
+        "qzeros": pack_gemm(zeros.t().contiguous().to(torch.uint8)),
+        "scales": scales.t().contiguous().to(torch.float16),
+    }

@@ -1,0 +1,82 @@
+"""Group-wise integer quantization (AWQ's min/max quantizer): pure functions of tensors.
+
+Weights are nn.Linear layout [out, in]; groups run along `in`. Scales are rounded to the
+storage dtype (fp16) before codes are computed, so the codes, zeros and scales written to
+disk reproduce exactly the pseudo-quantized weights the search evaluated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SettingsError
+
+STORAGE_DTYPE = torch.float16
+
+
+def check_group_size(in_features: int, group_size: int, where: str) -> None:
+    """Refuse a group size that does not divide a layer's input width, naming sizes that fit."""
+    if in_features % group_size == 0:
+        return
+    fits = [g for g in (256, 128, 64, 32, 16, 8) if in_features % g == 0]
+    hint = f"sizes that fit: {', '.join(map(str, fits))}" if fits else "no power-of-two group size fits"
+    raise SettingsError(
+        f"--group-size {group_size} does not divide the input width {in_features} of {where}; {hint}"
+    )
+
+
+def quant_params(
+    w: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero) of w [out, in]; both [out, in // group_size] in w's dtype.
+
+    Asymmetric: scale = (max - min) / (2^b - 1), zero = clamp(-round(min / scale), 0, 2^b - 1).
+    Symmetric: scale = max|w| / (2^(b-1) - 1) with the constant zero 2^(b-1), which gives
+    the same values as signed codes and keeps one unsigned storage layout for both.
+    """
+    out_features, in_features = w.shape
+    g = w.reshape(out_features, in_features // group_size, group_size)
+    max_int = 2**w_bit - 1
+    if zero_point:
+        max_val = g.amax(dim=-1)
+        min_val = g.amin(dim=-1)
+        scales = ((max_val - min_val).clamp(min=1e-5) / max_int).to(STORAGE_DTYPE).to(w.dtype)
+        zeros = (-torch.round(min_val / scales)).clamp(0, max_int)
+    else:
+        max_val = g.abs().amax(dim=-1).clamp(min=1e-5)
+        scales = (max_val / (2 ** (w_bit - 1) - 1)).to(STORAGE_DTYPE).to(w.dtype)
+        zeros = torch.full_like(scales, 2 ** (w_bit - 1))
+    return scales, zeros
+
+
+def _float_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, w_bit: int) -> torch.Tensor:
+    """Codes as floats, grouped [out, n_group, group_size]."""
+    g = w.reshape(w.shape[0], scales.shape[1], -1)
+    return torch.clamp(torch.round(g / scales[..., None]) + zeros[..., None], 0, 2**w_bit - 1)
+
+
+def quantize(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, w_bit: int
+) -> torch.Tensor:
+    """Integer codes [out, in] (uint8) of w for the given per-group scales and zeros."""
+    return _float_codes(w, scales, zeros, w_bit).reshape(w.shape).to(torch.uint8)
+
+
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """W = (q - z) * s, per group; codes [out, in], scales/zeros [out, in // group]."""
+    out_features, in_features = codes.shape
+    n_group = scales.shape[1]
+    q = codes.to(dtype).reshape(out_features, n_group, in_features // n_group)
+    w = (q - zeros.to(dtype)[..., None]) * scales.to(dtype)[..., None]
+    return w.reshape(out_features, in_features)
+
+
+def pseudo_quantize(
+    w: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True
+) -> torch.Tensor:
+    """Quantize-dequantize w in its own dtype: the weights a quantized model computes with."""
+    scales, zeros = quant_params(w, w_bit, group_size, zero_point)
+    q = _float_codes(w, scales, zeros, w_bit)
+    return ((q - zeros[..., None]) * scales[..., None]).reshape(w.shape)

@@ -1,0 +1,107 @@
+"""The unstreamed reference: the whole model in memory, AWQ block by block, as the paper's
+code runs it. It is the oracle the streaming engine must match byte for byte."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from .block import BlockRecords, capture, check_shapes, input_source, output_tensors, search_block
+from .calib import cut_blocks, load_tokens, tokens_digest
+from .checkpoint import write_metadata, write_non_block_tensors
+from .config import CalibConfig, QuantConfig
+from .families import detect
+from .models import check_output_dir, compute_dtype, load_tokenizer, prepare_output_dir, resolve_device
+from .shards import ShardReader
+from .writer import DEFAULT_SHARD_BYTES, ShardWriter
+
+
+@dataclass
+class Result:
+    records: list[BlockRecords]
+    calib_ids: torch.Tensor
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def first_block_inputs(model: torch.nn.Module, first_block: torch.nn.Module, ids: torch.Tensor,
+                       chunk_samples: int, device: torch.device) -> list[torch.Tensor]:
+    """Hidden states entering block 0, from the model's own embedding code, per chunk."""
+    caught: list[torch.Tensor] = []
+
+    def catch(module, args, kwargs):
+        caught.append(args[0] if args else kwargs["hidden_states"])
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, ids.shape[0], chunk_samples):
+            try:
+                model(input_ids=ids[start:start + chunk_samples].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return caught
+
+
+@torch.no_grad()
+def quantize(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    qcfg: QuantConfig = QuantConfig(),
+    calib: CalibConfig = CalibConfig(),
+    device: str = "auto",
+    chunk_samples: int = 16,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    on_block: Callable[[int, int], None] | None = None,
+) -> Result:
+    """Quantize model_dir into out_dir holding the whole model in memory."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    reader = ShardReader(model_dir)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    family = detect(hf_config)
+    dev = resolve_device(device)
+    dtype = compute_dtype(dev)
+    ids = cut_blocks(load_tokens(calib, load_tokenizer(model_dir)), calib, hf_config.vocab_size)
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(dev).eval()
+    layers = model.get_submodule(family.layers_prefix)
+    for i, block in enumerate(layers):
+        check_shapes(block, family.block_prefix(i), qcfg.group_size)
+    prepare_output_dir(out_dir, overwrite)
+
+    x_chunks = first_block_inputs(model, layers[0], ids, chunk_samples, dev)
+    kwargs = family.block_kwargs(model.config, calib.seqlen, dev, dtype)
+    writer = ShardWriter(out_dir, shard_bytes)
+    all_records = []
+    if on_block:
+        on_block(0, len(layers))
+    for i, block in enumerate(layers):
+        # The next block's inputs are this block's unquantized outputs (as llm-awq does).
+        feats, x_next = capture(block, x_chunks, kwargs, set(input_source(block, family, hf_config).values()))
+        records = search_block(block, family, hf_config, feats, kwargs, qcfg)
+        for name, t in output_tensors(block, records, qcfg).items():
+            writer.add(family.block_prefix(i) + name, t)
+        all_records.append(records)
+        x_chunks = x_next
+        del feats
+        if on_block:
+            on_block(i + 1, len(layers))
+    write_non_block_tensors(reader, family, writer)
+    writer.finish()
+    write_metadata(out_dir, model_dir, family, hf_config, qcfg, calib, tokens_digest(ids),
+                   reader.fingerprint(), extra={"engine": "reference"})
+    return Result(all_records, ids)

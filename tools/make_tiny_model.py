@@ -1,0 +1,101 @@
+"""Write a tiny random OPT or LLaMA checkpoint (sharded safetensors + a BPE tokenizer trained
+on the built-in text) for tests and the quick start. Never fetches anything.
+
+    python tools/make_tiny_model.py --family opt --out models/tiny-opt
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+
+def train_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained on the Python language reference shipped with Python."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from streamq.calib import builtin_text
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([builtin_text()], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def make_tiny(
+    out: str | Path,
+    family: str = "opt",
+    hidden: int = 128,
+    ffn: int = 256,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    vocab: int = 512,
+    outlier_channels: int = 4,
+    outlier_gain: float = 20.0,
+    seed: int = 0,
+    tokenizer: bool = True,
+    max_shard_size: str = "200KB",
+) -> Path:
+    """A random fp16 model. `outlier_channels` input channels of every norm get `outlier_gain`
+    times the weight, planting the salient activation channels AWQ is designed around."""
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    if family == "opt":
+        config = OPTConfig(hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers,
+                           num_attention_heads=heads, vocab_size=vocab, max_position_embeddings=1024,
+                           word_embed_proj_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        model = OPTForCausalLM(config)
+        norms = ("self_attn_layer_norm", "final_layer_norm")
+        blocks = model.model.decoder.layers
+    elif family == "llama":
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                             vocab_size=vocab, max_position_embeddings=1024, tie_word_embeddings=False,
+                             bos_token_id=0, eos_token_id=1)
+        model = LlamaForCausalLM(config)
+        norms = ("input_layernorm", "post_attention_layernorm")
+        blocks = model.model.layers
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    with torch.no_grad():
+        for block in blocks:
+            for norm in norms:
+                weight = block.get_submodule(norm).weight
+                weight.normal_(1.0, 0.1)
+                channels = torch.randperm(hidden)[:outlier_channels]
+                weight[channels] *= outlier_gain
+    model = model.half()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    if tokenizer:
+        train_tokenizer(vocab).save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--family", choices=["opt", "llama"], default="opt")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=2048)
+    args = parser.parse_args()
+    path = make_tiny(args.out, args.family, args.hidden, args.ffn, args.layers, args.heads,
+                     args.kv_heads, args.vocab, max_shard_size="1MB")
+    print(f"wrote a random {args.family} model to {path}")
+
+
+if __name__ == "__main__":
+    main()
