@@ -29,7 +29,7 @@ def _scale_groups(config: Any) -> list[ScaleGroup]:
 def _block_kwargs(config: Any, seqlen: int, device: torch.device, dtype: torch.dtype) -> dict:
     """Rotary (cos, sin) for positions 0..seqlen-1, shape [1, seqlen, head_dim]: they
     broadcast over any number of samples, so chunking samples never changes them."""
-    rotary = modeling_class(config, "RotaryEmbedding")(config=config, device=device)
+    rotary = modeling_class(config, "RotaryEmbedding")(config=config).to(device)
     position_ids = torch.arange(seqlen, device=device)[None]
     probe = torch.empty(0, device=device, dtype=dtype)
     cos, sin = rotary(probe, position_ids)

@@ -1,0 +1,31 @@
+"""Tiny random OPT / LLaMA checkpoints built on the fly (never fetched), shared per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_tiny_model import make_tiny  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "opt": make_tiny(root / "opt", "opt", seed=1),
+        "llama": make_tiny(root / "llama", "llama", seed=2),
+        "llama_gqa": make_tiny(root / "llama_gqa", "llama", kv_heads=2, seed=3, tokenizer=False),
+    }
+
+
+@pytest.fixture(params=["opt", "llama", "llama_gqa"])
+def family_model(request, tiny_models) -> tuple[str, Path]:
+    return request.param, tiny_models[request.param]

@@ -1,0 +1,83 @@
+"""The command line: a working run, and one clear line (no traceback, exit 2) for bad input."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from streamq.cli import app
+
+runner = CliRunner()
+SMALL = ["--n-samples", "4", "--seqlen", "64"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, match):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [l for l in result.stderr.splitlines() if l.startswith("streamq: error:")]
+    assert len(lines) == 1 and match in lines[0], result.stderr
+
+
+def test_run_writes_checkpoint(tiny_models, tmp_path):
+    result = invoke("run", "--model", tiny_models["llama"], "--output", tmp_path / "out", *SMALL, "--mode", "rtn")
+    assert result.exit_code == 0, result.output
+    assert "quantized 2 blocks (rtn, INT4, group 128)" in result.stdout
+    info = json.loads((tmp_path / "out" / "streamq.json").read_text())
+    assert info["calib"]["n_samples"] == 4 and info["quant"]["mode"] == "rtn"
+
+
+def test_help_explains_every_option():
+    result = invoke("run", "--help")
+    assert result.exit_code == 0
+    for option in ("--model", "--output", "--w-bit", "--group-size", "--mode", "--calib", "--n-samples",
+                   "--seqlen", "--device", "--symmetric", "--duo-scaling", "--shard-size", "--overwrite"):
+        assert option in result.stdout
+
+
+def test_missing_model_dir(tmp_path):
+    assert_clean_error(invoke("run", "--model", tmp_path / "nope", "--output", tmp_path / "o"),
+                       "has neither model.safetensors.index.json nor model.safetensors")
+
+
+def test_missing_shard(tiny_models, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["opt"], broken)
+    next(broken.glob("model-*.safetensors")).unlink()
+    assert_clean_error(invoke("run", "--model", broken, "--output", tmp_path / "o", *SMALL), "is missing from")
+
+
+def test_unsupported_architecture(tiny_models, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_models["opt"], other)
+    config = json.loads((other / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (other / "config.json").write_text(json.dumps(config))
+    assert_clean_error(invoke("run", "--model", other, "--output", tmp_path / "o"), "unsupported architecture 'gpt2'")
+
+
+def test_group_size_not_dividing(tiny_models, tmp_path):
+    assert_clean_error(invoke("run", "--model", tiny_models["opt"], "--output", tmp_path / "o", "--group-size", "96", *SMALL),
+                       "--group-size 96 does not divide the input width 128")
+    assert not (tmp_path / "o").exists()
+
+
+def test_nonempty_output_refused_and_kept(tiny_models, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "precious").write_text("keep me")
+    assert_clean_error(invoke("run", "--model", tiny_models["opt"], "--output", out), "--overwrite")
+    assert (out / "precious").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--w-bit", "2"], "--w-bit must be 3 or 4"),
+    (["--shard-size", "lots"], "cannot read size 'lots'"),
+    (["--n-samples", "100000"], "fewer than --n-samples 100000"),
+])
+def test_bad_settings(tiny_models, tmp_path, args, match):
+    assert_clean_error(invoke("run", "--model", tiny_models["opt"], "--output", tmp_path / "o", *args), match)
