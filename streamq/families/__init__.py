@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UnsupportedModelError
-from .base import Family, ScaleGroup, build_block, hf_config_for_blocks
+from .base import Family, ScaleGroup, build_block
 from .llama import LLAMA
 from .opt import OPT
 
 FAMILIES: tuple[Family, ...] = (OPT, LLAMA)
 
-__all__ = ["Family", "ScaleGroup", "FAMILIES", "detect", "build_block", "hf_config_for_blocks"]
+__all__ = ["Family", "ScaleGroup", "FAMILIES", "detect", "build_block"]
 
 
 def detect(config: Any) -> Family:

@@ -64,7 +64,11 @@ def build_block(
     dtype: torch.dtype,
 ) -> nn.Module:
     """One decoder block, built on the meta device and filled from `state` (names relative
-    to the block), so no memory is spent on the randomly initialised weights."""
+    to the block), so no memory is spent on the randomly initialised weights.
+
+    Blocks run with SDPA attention, which is causal when no mask is given: calibration
+    samples are unpadded, so no attention mask is ever materialised."""
+    config._attn_implementation = "sdpa"
     layer_cls = modeling_class(config, "DecoderLayer")
     with torch.device("meta"):
         block = layer_cls(config, layer_idx=index)
@@ -76,10 +80,3 @@ def build_block(
         {k: state[k].to(device=device, dtype=dtype) for k in expected}, assign=True, strict=True
     )
     return block.eval()
-
-
-def hf_config_for_blocks(config: Any) -> Any:
-    """The config with the attention implementation blocks are run with: SDPA, which is
-    causal when no mask is given, so blocks need no materialised attention mask."""
-    config._attn_implementation = "sdpa"
-    return config
