@@ -59,27 +59,39 @@ def check_shapes(block: nn.Module, prefix: str, group_size: int) -> None:
         check_group_size(block.get_submodule(name).in_features, group_size, f"{prefix}{name}")
 
 
+def to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:
+    """Move an activation to where the plan keeps it; host copies of device tensors are
+    pinned so that streaming them back is a fast asynchronous copy."""
+    if t.device == store:
+        return t
+    out = t.to(store)
+    return out.pin_memory() if store.type == "cpu" and t.device.type == "cuda" else out
+
+
 @torch.no_grad()
 def capture(
-    block: nn.Module, x_chunks: Chunks, kwargs: dict, names: set[str]
+    block: nn.Module, x_chunks: Chunks, kwargs: dict, names: set[str], store: torch.device | None = None
 ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
     """Run the unmodified block over the chunks; return the inputs of `names` per chunk
-    (as [b, T, C]) and the block outputs (the next block's inputs)."""
+    (as [b, T, C]) and the block outputs (the next block's inputs), kept on `store`
+    (default: where each chunk came from)."""
+    device = next(block.parameters()).device
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    current: list[tuple[int, int]] = []
+    where: list[tuple[int, int, torch.device]] = []
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
-            b, t = current[0]
-            feats[name].append(args[0].detach().reshape(b, t, -1))  # OPT flattens tokens
+            b, t, keep = where[0]
+            feats[name].append(to_store(args[0].detach().reshape(b, t, -1), keep))  # OPT flattens tokens
         return record
 
     handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     outs = []
     try:
         for x in x_chunks:
-            current[:] = [(x.shape[0], x.shape[1])]
-            outs.append(run_module(block, x, kwargs))
+            keep = store or x.device
+            where[:] = [(x.shape[0], x.shape[1], keep)]
+            outs.append(to_store(run_module(block, x.to(device), kwargs), keep))
     finally:
         for h in handles:
             h.remove()
@@ -98,14 +110,15 @@ def search_block(
     """Search this block's scales and clips per qcfg.mode and apply them to `block` in place."""
     records = BlockRecords()
     source = input_source(block, family, config)
+    device = next(block.parameters()).device
     if qcfg.mode == "keep1":
         for name in linear_names(block):
-            records.salient[name] = salient_channels(act_scale(feats[source[name]]), qcfg.salient_frac)
+            records.salient[name] = salient_channels(act_scale(feats[source[name]], device), qcfg.salient_frac)
         return records
     if qcfg.mode in ("awq", "s2"):
         for group in family.scale_groups(config):
             x = feats[group.linears[0]]
-            x_mean = act_scale(x)
+            x_mean = act_scale(x, device)
             if qcfg.mode == "awq":
                 linears = [block.get_submodule(n) for n in group.linears]
                 inspect = block.get_submodule(group.inspect)
@@ -122,9 +135,9 @@ def search_block(
             if name in family.no_clip:
                 continue
             linear = block.get_submodule(name)
-            x_tok = sample_tokens(feats[source[name]], qcfg.clip_tokens)
+            x_tok = sample_tokens(feats[source[name]], qcfg.clip_tokens).to(device)
             if name in scale_of:  # the linear now sees x / s
-                x_tok = x_tok / scale_of[name].to(device=x_tok.device, dtype=x_tok.dtype)
+                x_tok = x_tok / scale_of[name].to(device=device, dtype=x_tok.dtype)
             record = ClipRecord(name, search_clip(linear.weight.data, x_tok, qcfg))
             apply_clip(block, record)
             records.clips.append(record)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -55,6 +54,10 @@ def run(
                                    "zero point) instead of AWQ's asymmetric min/max."),
     duo_scaling: bool = typer.Option(False, "--duo-scaling", help="Search s = mean|x|^a / mean|w|^(1-a), "
                                      "as later AWQ tools default to; off to match the paper."),
+    max_gpu_mem: Optional[str] = typer.Option(None, "--max-gpu-mem", help="Memory ceiling for one block's "
+                                              "work on the device, e.g. 38GB or 512MiB; chunk sizes are planned to "
+                                              "fit, and a budget too small for one block is refused. Default: the "
+                                              "device's free memory (on CPU: no limit, activations in host memory)."),
     shard_size: str = typer.Option("4GB", "--shard-size", help="Largest output shard, e.g. 4GB or 500MiB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
 ) -> None:
@@ -62,12 +65,11 @@ def run(
     try:
         from tqdm import tqdm
 
-        from . import reference
+        from . import engine
 
         qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
                            mode=mode.value, duo_scaling=duo_scaling)
         ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen)
-        start = time.time()
         bars: list[tqdm] = []
 
         def on_block(done: int, total: int) -> None:
@@ -76,13 +78,32 @@ def run(
             bars[0].update(done - bars[0].n)
 
         try:
-            result = reference.quantize(model, output, qcfg, ccfg, device=device,
-                                        shard_bytes=parse_size(shard_size), overwrite=overwrite,
-                                        on_block=on_block)
+            summary = engine.quantize(model, output, qcfg, ccfg, device=device,
+                                      max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
+                                      shard_bytes=parse_size(shard_size), overwrite=overwrite,
+                                      on_block=on_block)
         finally:
             for bar in bars:
                 bar.close()
     except StreamqError as exc:
         fail(exc)
-    typer.echo(f"quantized {len(result.records)} blocks ({qcfg.mode}, INT{qcfg.w_bit}, group {qcfg.group_size})"
-               f" in {time.time() - start:.1f} s -> {output}")
+    print_summary(summary, qcfg, output)
+
+
+def print_summary(summary, qcfg: QuantConfig, output: Path) -> None:
+    from .budget import format_bytes
+
+    gpu = [b["peak_gpu_bytes"] for b in summary.blocks if b["peak_gpu_bytes"] is not None]
+    plan = summary.plan
+    lines = [
+        f"quantized {len(summary.records)} blocks ({qcfg.mode}, INT{qcfg.w_bit}, group {qcfg.group_size})"
+        f" in {summary.seconds:.1f} s -> {output}",
+        f"  chunks of {plan.chunk_samples} samples, activations on the "
+        f"{'device' if plan.activations_on_device else 'host'} (planned peak {format_bytes(plan.estimated_peak_bytes)})",
+        f"  peak GPU memory {format_bytes(max(gpu)) if gpu else 'n/a (CPU run)'},"
+        f" peak RSS {format_bytes(max(b['peak_rss_bytes'] for b in summary.blocks))}",
+        f"  size: {summary.input_bytes / 1e9:.3f} GB fp16 -> {summary.output_bytes / 1e9:.3f} GB"
+        f" INT{qcfg.w_bit}" if qcfg.mode != "keep1" else
+        f"  size: {summary.input_bytes / 1e9:.3f} GB -> {summary.output_bytes / 1e9:.3f} GB (fp16 fake-quant)",
+    ]
+    typer.echo("\n".join(lines))

@@ -43,9 +43,11 @@ def run_module(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor
     return out[0] if isinstance(out, tuple) else out
 
 
-def act_scale(chunks: Chunks) -> torch.Tensor:
-    """mean |x| per input channel over every calibration token (float32)."""
-    per_sample = torch.cat([c.abs().sum(dim=1, dtype=torch.float64).cpu() for c in chunks])
+def act_scale(chunks: Chunks, device: torch.device | None = None) -> torch.Tensor:
+    """mean |x| per input channel over every calibration token (float32, host). Reduced on
+    `device` (default: where each chunk is), so the result does not depend on where
+    activations are stored."""
+    per_sample = torch.cat([c.to(device or c.device).abs().sum(dim=1, dtype=torch.float64).cpu() for c in chunks])
     n_tokens = sum(c.shape[0] * c.shape[1] for c in chunks)
     return (per_sample.sum(dim=0) / n_tokens).to(torch.float32)
 
@@ -77,7 +79,8 @@ def search_scale(
     unquantized output. Returns the best s (float32, host) and the loss of every alpha."""
     device = linears[0].weight.device
     originals = [lin.weight.data.clone() for lin in linears]
-    refs = [run_module(inspect, x.to(device), kwargs) for x in x_chunks]
+    # references stay where their chunk lives (the device, or host memory when streaming)
+    refs = [run_module(inspect, x.to(device), kwargs).to(x.device) for x in x_chunks]
     n_elem = sum(r.numel() for r in refs)
     w_mean = weight_scale(originals, qcfg.group_size) if qcfg.duo_scaling else None
     losses: list[float] = []
@@ -90,7 +93,7 @@ def search_scale(
         s_dev = s.to(device=device, dtype=originals[0].dtype)
         for lin, w in zip(linears, originals):
             lin.weight.data = pseudo_quantize(w * s_dev, qcfg.w_bit, qcfg.group_size, qcfg.zero_point) / s_dev
-        sse = torch.cat([_per_sample_sse(run_module(inspect, x.to(device), kwargs), ref)
+        sse = torch.cat([_per_sample_sse(run_module(inspect, x.to(device), kwargs), ref.to(device))
                          for x, ref in zip(x_chunks, refs)])
         loss = float(sse.sum() / n_elem)
         losses.append(loss)
@@ -130,7 +133,10 @@ def sample_tokens(chunks: Chunks, n_tokens: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def clip_batch_size(out_features: int, n_group: int, n_tokens: int, max_elems: int = 2**24) -> int:
+CLIP_MAX_ELEMS = 2**24
+
+
+def clip_batch_size(out_features: int, n_group: int, n_tokens: int, max_elems: int = CLIP_MAX_ELEMS) -> int:
     """Output channels per clip-search step, from shapes only: the [groups, tokens, batch]
     products stay under max_elems elements (64 MiB in float32) whatever the layer."""
     return max(1, min(out_features, max_elems // max(1, n_group * n_tokens)))
@@ -147,7 +153,7 @@ def search_clip(weight: torch.Tensor, x_tok: torch.Tensor, qcfg: QuantConfig) ->
     out_features, in_features = weight.shape
     gs = qcfg.group_size
     n_group = in_features // gs
-    x = x_tok.to(weight.dtype).reshape(-1, n_group, gs).transpose(0, 1)  # [G, t, gs]
+    x = x_tok.to(device=weight.device, dtype=weight.dtype).reshape(-1, n_group, gs).transpose(0, 1)  # [G, t, gs]
     batch = clip_batch_size(out_features, n_group, x.shape[1])
     best = []
     for start in range(0, out_features, batch):

@@ -14,6 +14,8 @@ from .errors import InputError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# Weight dtypes streamq reads (bytes per element); anything else is refused by name.
+DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "BOOL": 1, "U8": 1, "I8": 1}
 
 
 def read_header(path: Path) -> bytes:
@@ -32,6 +34,43 @@ def read_header(path: Path) -> bytes:
         raise InputError(f"cannot read shard {path}: {exc.strerror}") from None
 
 
+def validate_header(path: Path) -> dict[str, dict]:
+    """Parse and check a shard's header: known dtypes, sizes that match shapes, every tensor
+    inside the file, no two tensors overlapping. Returns {name: {dtype, shape, data_offsets}}."""
+    raw = read_header(path)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise InputError(f"{path} has a corrupt header (not a JSON object)") from None
+    header.pop("__metadata__", None)
+    data_len = path.stat().st_size - 8 - len(raw)
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: tensor {name} has a corrupt header entry") from None
+        if dtype not in DTYPE_BYTES:
+            raise InputError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * DTYPE_BYTES[dtype] or begin < 0:
+            raise InputError(f"{path}: tensor {name} spans {end - begin} bytes, its shape {shape} "
+                             f"{dtype} needs {numel * DTYPE_BYTES[dtype]}")
+        if end > data_len:
+            raise InputError(f"{path}: tensor {name} ends at byte {end} past the data ({data_len} bytes); "
+                             "the file is truncated")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise InputError(f"{path}: tensors {n0} and {n1} overlap")
+    return header
+
+
 class ShardReader:
     """Tensor name -> shard file, opened lazily with safe_open (mmap): reading one tensor
     touches only that tensor's pages."""
@@ -47,13 +86,17 @@ class ShardReader:
                 raise InputError(f"{index} is not a valid safetensors index") from None
             self.files = {name: self.model_dir / f for name, f in weight_map.items()}
         elif single.is_file():
-            with self._open(single) as f:
-                self.files = {name: single for name in f.keys()}
+            self.files = {name: single for name in validate_header(single)}
         else:
             raise InputError(f"{self.model_dir} has neither {INDEX_NAME} nor {SINGLE_NAME}")
+        self.headers: dict[Path, dict[str, dict]] = {}
         for shard in sorted(set(self.files.values())):
             if not shard.is_file():
                 raise InputError(f"shard {shard.name} named in {INDEX_NAME} is missing from {self.model_dir}")
+            self.headers[shard] = validate_header(shard)
+        for name, shard in self.files.items():
+            if name not in self.headers[shard]:
+                raise InputError(f"tensor {name} is missing from shard {shard.name}")
         self._handles: dict[Path, object] = {}
 
     @staticmethod

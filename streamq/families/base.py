@@ -34,6 +34,9 @@ class Family:
     scale_groups: Callable[[Any], list[ScaleGroup]]  # from the HF config
     no_clip: tuple[str, ...]  # linears whose clip search is skipped (q/k: attention logits)
     block_kwargs: Callable[[Any, int, torch.device, torch.dtype], dict]
+    # Hidden states entering block 0 for token ids [b, T], from non-block tensors read by name
+    # (get(name) -> tensor), computed exactly as the transformers model computes them.
+    embed: Callable[[Callable[[str], torch.Tensor], Any, torch.Tensor, torch.device, torch.dtype], torch.Tensor]
     # Linears outside the blocks, never quantized (listed in modules_to_not_convert).
     extra_linears: Callable[[Any], list[str]] = field(default=lambda config: ["lm_head"])
 
@@ -56,6 +59,12 @@ def modeling_class(config: Any, suffix: str) -> type:
     return found[0]
 
 
+def meta_block(config: Any, index: int = 0) -> nn.Module:
+    """A block with no storage: its shapes, for checks made before any weight is read."""
+    with torch.device("meta"):
+        return modeling_class(config, "DecoderLayer")(config, layer_idx=index)
+
+
 def build_block(
     config: Any,
     index: int,
@@ -69,9 +78,7 @@ def build_block(
     Blocks run with SDPA attention, which is causal when no mask is given: calibration
     samples are unpadded, so no attention mask is ever materialised."""
     config._attn_implementation = "sdpa"
-    layer_cls = modeling_class(config, "DecoderLayer")
-    with torch.device("meta"):
-        block = layer_cls(config, layer_idx=index)
+    block = meta_block(config, index)
     expected = set(block.state_dict())
     missing = expected - set(state)
     if missing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .base import Family, ScaleGroup, modeling_class
 
@@ -36,6 +37,10 @@ def _block_kwargs(config: Any, seqlen: int, device: torch.device, dtype: torch.d
     return {"attention_mask": None, "position_embeddings": (cos, sin)}
 
 
+def _embed(get, config: Any, ids: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return F.embedding(ids.cpu(), get("model.embed_tokens.weight")).to(device, dtype)
+
+
 LLAMA = Family(
     name="llama",
     model_types=("llama", "mistral", "qwen2"),
@@ -43,4 +48,5 @@ LLAMA = Family(
     scale_groups=_scale_groups,
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
     block_kwargs=_block_kwargs,
+    embed=_embed,
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .base import Family, ScaleGroup
 
@@ -25,6 +26,17 @@ def _block_kwargs(config: Any, seqlen: int, device: torch.device, dtype: torch.d
     return {"attention_mask": None}
 
 
+def _embed(get, config: Any, ids: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Token embeddings (projected when word_embed_proj_dim differs) plus learned positions,
+    which OPT offsets by 2. Rows are gathered from the mmap'd table on the host, then cast:
+    exact, and the table never goes to the device whole."""
+    tokens = F.embedding(ids.cpu(), get("model.decoder.embed_tokens.weight")).to(device, dtype)
+    if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+        tokens = F.linear(tokens, get("model.decoder.project_in.weight").to(device, dtype))
+    positions = torch.arange(ids.shape[1]) + 2
+    return tokens + F.embedding(positions, get("model.decoder.embed_positions.weight")).to(device, dtype)[None]
+
+
 def _extra_linears(config: Any) -> list[str]:
     extra = ["lm_head"]
     if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
@@ -39,5 +51,6 @@ OPT = Family(
     scale_groups=_scale_groups,
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
     block_kwargs=_block_kwargs,
+    embed=_embed,
     extra_linears=_extra_linears,
 )

@@ -1,0 +1,67 @@
+"""The streaming engine equals the unstreamed reference byte for byte, whatever the budget."""
+
+import json
+
+import numpy as np
+import pytest
+
+from streamq import engine, reference
+from streamq.config import CalibConfig, QuantConfig
+from streamq.errors import SettingsError
+
+CALIB = CalibConfig(n_samples=6, seqlen=64)
+
+
+def calib_for(name, tmp_path):
+    if name != "llama_gqa":
+        return CALIB
+    ids = tmp_path / "ids.npy"  # this model has no tokenizer
+    np.save(ids, np.random.default_rng(1).integers(2, 512, 5_000))
+    return CalibConfig(source=str(ids), n_samples=6, seqlen=64)
+
+
+def checkpoint_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "streamq.json"}
+
+
+@pytest.mark.parametrize("mode", ["awq", "s2", "keep1"])
+def test_streamed_equals_reference(family_model, tmp_path, mode):
+    name, path = family_model
+    if mode != "awq" and name != "llama":
+        pytest.skip("the ablation modes share every engine path with awq; one family suffices")
+    calib = calib_for(name, tmp_path)
+    qcfg = QuantConfig(mode=mode)
+    reference.quantize(path, tmp_path / "ref", qcfg, calib, chunk_samples=4, shard_bytes=400_000)
+    expected = checkpoint_bytes(tmp_path / "ref")
+    plans = []
+    # no budget; a roomy one (activations resident); the smallest that fits (one sample per chunk)
+    minimum = engine.quantize(path, tmp_path / "probe", qcfg, calib).plan.minimum_bytes
+    for i, budget in enumerate([None, 10**10, minimum]):
+        out = tmp_path / f"stream{i}"
+        summary = engine.quantize(path, out, qcfg, calib, max_gpu_mem=budget, shard_bytes=400_000)
+        plans.append(summary.plan)
+        assert checkpoint_bytes(out) == expected, (budget, summary.plan)
+    assert plans[1].activations_on_device and not plans[2].activations_on_device
+    assert plans[2].chunk_samples == 1
+
+
+def test_streamq_json_records_plan_and_measured_peaks(tiny_models, tmp_path):
+    summary = engine.quantize(tiny_models["opt"], tmp_path / "o", calib=CALIB, max_gpu_mem=10**9)
+    info = json.loads((tmp_path / "o" / "streamq.json").read_text())
+    assert info["engine"] == "stream" and info["max_gpu_mem"] == 10**9
+    assert info["plan"]["chunk_samples"] == summary.plan.chunk_samples
+    assert [b["block"] for b in info["blocks"]] == [0, 1]
+    assert all(b["peak_rss_bytes"] > 50 * 2**20 and b["peak_gpu_bytes"] is None for b in info["blocks"])
+    assert summary.output_bytes < summary.input_bytes
+
+
+def test_budget_too_small_is_refused_before_writing(tiny_models, tmp_path):
+    with pytest.raises(SettingsError, match=r"--max-gpu-mem 976.56KiB is too small: one block needs at least"):
+        engine.quantize(tiny_models["opt"], tmp_path / "o", calib=CALIB, max_gpu_mem=10**6)
+    assert not (tmp_path / "o").exists()
+
+
+def test_group_size_checked_before_any_work(tiny_models, tmp_path):
+    with pytest.raises(SettingsError, match="model.decoder.layers.0"):
+        engine.quantize(tiny_models["opt"], tmp_path / "o", QuantConfig(group_size=48), CALIB)
+    assert not (tmp_path / "o").exists()
