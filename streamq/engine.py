@@ -72,6 +72,7 @@ def quantize(
 
     x_chunks = [family.embed(reader.get, hf_config, c, dev, dtype).to(store)
                 for c in ids.split(plan.chunk_samples)]
+    reader.release()
     kwargs = family.block_kwargs(hf_config, calib.seqlen, dev, dtype)
     writer = ShardWriter(out_dir, shard_bytes)
     summary = Summary([], plan)
@@ -82,6 +83,7 @@ def quantize(
         reset_peaks(dev)
         prefix = family.block_prefix(i)
         block = build_block(hf_config, i, reader.with_prefix(prefix), dev, dtype)
+        reader.release()
         # The next block's inputs are this block's unquantized outputs (as llm-awq does).
         feats, x_next = capture(block, x_chunks, kwargs, captured, store)
         records = search_block(block, family, hf_config, feats, kwargs, qcfg)

@@ -111,6 +111,10 @@ class ShardReader:
             self._handles[path] = self._open(path)
         return self._handles[path]
 
+    def release(self) -> None:
+        """Unmap every shard: pages read so far stop counting toward this process's RSS."""
+        self._handles.clear()
+
     def names(self) -> list[str]:
         return sorted(self.files)
 

@@ -51,6 +51,22 @@ def test_missing_shard(tiny_models, tmp_path):
     assert_clean_error(invoke("run", "--model", broken, "--output", tmp_path / "o", *SMALL), "is missing from")
 
 
+def test_truncated_shard(tiny_models, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["opt"], broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    assert_clean_error(invoke("run", "--model", broken, "--output", tmp_path / "o", *SMALL), "truncated")
+
+
+def test_summary_reports_memory_and_sizes(tiny_models, tmp_path):
+    result = invoke("run", "--model", tiny_models["opt"], "--output", tmp_path / "o", *SMALL, "--max-gpu-mem", "1GB")
+    assert result.exit_code == 0, result.output
+    assert "activations on the device" in result.stdout
+    assert "peak GPU memory n/a (CPU run), peak RSS" in result.stdout
+    assert "GB fp16 ->" in result.stdout and "INT4" in result.stdout
+
+
 def test_unsupported_architecture(tiny_models, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_models["opt"], other)
@@ -78,6 +94,8 @@ def test_nonempty_output_refused_and_kept(tiny_models, tmp_path):
     (["--w-bit", "2"], "--w-bit must be 3 or 4"),
     (["--shard-size", "lots"], "cannot read size 'lots'"),
     (["--n-samples", "100000"], "fewer than --n-samples 100000"),
+    (["--max-gpu-mem", "1MB", *SMALL], "--max-gpu-mem 976.56KiB is too small: one block needs at least"),
+    (["--max-gpu-mem", "lots"], "cannot read size 'lots'"),
 ])
 def test_bad_settings(tiny_models, tmp_path, args, match):
     assert_clean_error(invoke("run", "--model", tiny_models["opt"], "--output", tmp_path / "o", *args), match)

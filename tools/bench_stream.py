@@ -1,0 +1,88 @@
+"""Peak memory of `streamq run` against model depth: quantizes random models of OPT-30B's block
+shape with 2, 4 and 8 layers (tools/make_wide_model.py) and prints, per depth, the whole
+process's peak RSS, the largest per-block peak RSS and GPU memory, and time. Streaming means
+every column but time stays flat as layers are added.
+
+    python tools/bench_stream.py --work /tmp/wide --layers 2 4 8 --n-samples 2 --seqlen 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(cmd: list[str]) -> tuple[int, float]:
+    """Run cmd; return its own peak RSS in bytes (from wait4) and wall seconds."""
+    start = time.time()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(cmd)}")
+    return usage.ru_maxrss * 1024, time.time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="where models and outputs go (~1.3 GB per layer)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--n-samples", type=int, default=2)
+    parser.add_argument("--seqlen", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-gpu-mem", default=None)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--ffn", type=int, default=28672)
+    parser.add_argument("--heads", type=int, default=56)
+    args = parser.parse_args()
+
+    deepest = max(args.layers)
+    base = args.work / f"wide-{deepest}"
+    if not (base / "config.json").is_file():
+        subprocess.run([sys.executable, str(HERE / "make_wide_model.py"), "--out", str(base), "--layers", str(deepest),
+                        "--hidden", str(args.hidden), "--ffn", str(args.ffn), "--heads", str(args.heads)], check=True)
+    ids = args.work / "calib.npy"
+    if not ids.is_file():
+        import numpy as np
+
+        np.save(ids, np.random.default_rng(0).integers(4, 512, 100_000))
+    rows = []
+    for n in args.layers:
+        model = base if n == deepest else args.work / f"wide-{n}"
+        if n != deepest:
+            subprocess.run([sys.executable, str(HERE / "make_wide_model.py"), "--from", str(base), "--layers", str(n),
+                            "--out", str(model)], check=True)
+        out = args.work / f"out-{n}"
+        cmd = ["streamq", "run", "--model", str(model), "--output", str(out), "--overwrite", "--calib", str(ids),
+               "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen), "--device", args.device]
+        if args.max_gpu_mem:
+            cmd += ["--max-gpu-mem", args.max_gpu_mem]
+        rss, seconds = run(cmd)
+        info = json.loads((out / "streamq.json").read_text())
+        blocks = info["blocks"]
+        gpu = [b["peak_gpu_bytes"] for b in blocks if b["peak_gpu_bytes"] is not None]
+        model_gb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1e9
+        rows.append((n, model_gb, rss / 2**30, max(b["peak_rss_bytes"] for b in blocks) / 2**30,
+                     max(gpu) / 2**30 if gpu else None, info["plan"]["estimated_peak_bytes"] / 2**30,
+                     info["plan"]["chunk_samples"], seconds, seconds / n))
+
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
+          f"device {args.device}; budget {args.max_gpu_mem or 'none'}; calibration {args.n_samples} x {args.seqlen} tokens; "
+          f"block shape hidden {args.hidden}, ffn {args.ffn}, heads {args.heads}")
+    print("| layers | model GB (fp16) | process peak RSS GiB | block peak RSS GiB | block peak GPU GiB "
+          "| planned peak GiB | chunk | time s | s/block |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, gb, rss, brss, gpu, planned, chunk, sec, per in rows:
+        gpu_s = f"{gpu:.2f}" if gpu is not None else "n/a"
+        print(f"| {n} | {gb:.1f} | {rss:.2f} | {brss:.2f} | {gpu_s} | {planned:.2f} | {chunk} | {sec:.0f} | {per:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Write a random OPT model with OPT-30B's block shape (hidden 7168, ffn 28672, 56 heads) and
+N layers, one block per shard, generating one block at a time so the writer never holds the
+model. A small vocabulary keeps the non-block tensors small: the blocks are what is measured.
+
+    python tools/make_wide_model.py --layers 8 --out models/opt30b-shape-8
+    python tools/make_wide_model.py --from models/opt30b-shape-8 --layers 2 --out models/opt30b-shape-2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+
+
+def opt_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int) -> dict:
+    return {
+        "architectures": ["OPTForCausalLM"], "model_type": "opt", "activation_function": "relu",
+        "hidden_size": hidden, "ffn_dim": ffn, "num_attention_heads": heads, "num_hidden_layers": layers,
+        "vocab_size": vocab, "max_position_embeddings": 2048, "word_embed_proj_dim": hidden,
+        "do_layer_norm_before": True, "enable_bias": True, "layer_norm_elementwise_affine": True,
+        "dropout": 0.0, "attention_dropout": 0.0, "tie_word_embeddings": True, "dtype": "float16",
+        "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1,
+    }
+
+
+def block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    p = f"model.decoder.layers.{i}."
+    t: dict[str, torch.Tensor] = {}
+    for name, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (hidden, hidden)),
+                        ("self_attn.v_proj", (hidden, hidden)), ("self_attn.out_proj", (hidden, hidden)),
+                        ("fc1", (ffn, hidden)), ("fc2", (hidden, ffn))]:
+        t[p + name + ".weight"] = (torch.randn(shape, generator=g) * 0.02).half()
+        t[p + name + ".bias"] = torch.zeros(shape[0], dtype=torch.float16)
+    for norm in ("self_attn_layer_norm", "final_layer_norm"):
+        w = torch.ones(hidden)
+        w[torch.randperm(hidden, generator=g)[:8]] = 20.0  # salient channels, as real OPTs have
+        t[p + norm + ".weight"] = w.half()
+        t[p + norm + ".bias"] = torch.zeros(hidden, dtype=torch.float16)
+    return t
+
+
+def write(out: Path, layers: int, hidden: int, ffn: int, heads: int, vocab: int, seed: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    head = {"model.decoder.embed_tokens.weight": (torch.randn(vocab, hidden, generator=g) * 0.02).half(),
+            "model.decoder.embed_positions.weight": (torch.randn(2050, hidden, generator=g) * 0.02).half(),
+            "model.decoder.final_layer_norm.weight": torch.ones(hidden, dtype=torch.float16),
+            "model.decoder.final_layer_norm.bias": torch.zeros(hidden, dtype=torch.float16)}
+    shards = [("model-embed.safetensors", head)]
+    save_file(head, str(out / shards[0][0]), metadata={"format": "pt"})
+    weight_map.update({k: shards[0][0] for k in head})
+    for i in range(layers):
+        name = f"model-block{i:03d}.safetensors"
+        tensors = block_tensors(i, hidden, ffn, g)
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+        print(f"wrote block {i}", flush=True)
+    finish(out, opt_config(layers, hidden, ffn, heads, vocab), weight_map)
+
+
+def finish(out: Path, config: dict, weight_map: dict[str, str]) -> None:
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+
+def subset(src: Path, out: Path, layers: int) -> None:
+    """The first `layers` blocks of an existing wide model, as hard links (no copy)."""
+    config = json.loads((src / "config.json").read_text())
+    weight_map = json.loads((src / INDEX).read_text())["weight_map"]
+    keep = {k: f for k, f in weight_map.items()
+            if not k.startswith("model.decoder.layers.") or int(k.split(".")[3]) < layers}
+    out.mkdir(parents=True, exist_ok=True)
+    for f in set(keep.values()):
+        if not (out / f).exists():
+            os.link(src / f, out / f)
+    finish(out, {**config, "num_hidden_layers": layers}, keep)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--from", dest="src", type=Path, help="take the first --layers blocks of this model")
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--ffn", type=int, default=28672)
+    parser.add_argument("--heads", type=int, default=56)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.src:
+        subset(args.src, args.out, args.layers)
+    else:
+        write(args.out, args.layers, args.hidden, args.ffn, args.heads, args.vocab, args.seed)
+
+
+if __name__ == "__main__":
+    main()
