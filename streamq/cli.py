@@ -96,7 +96,7 @@ def print_summary(summary, qcfg: QuantConfig, output: Path) -> None:
     gpu = [b["peak_gpu_bytes"] for b in summary.blocks if b["peak_gpu_bytes"] is not None]
     plan = summary.plan
     lines = [
-        f"quantized {len(summary.records)} blocks ({qcfg.mode}, INT{qcfg.w_bit}, group {qcfg.group_size})"
+        f"quantized {len(summary.blocks)} blocks ({qcfg.mode}, INT{qcfg.w_bit}, group {qcfg.group_size})"
         f" in {summary.seconds:.1f} s -> {output}",
         f"  chunks of {plan.chunk_samples} samples, activations on the "
         f"{'device' if plan.activations_on_device else 'host'} (planned peak {format_bytes(plan.estimated_peak_bytes)})",

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from transformers import AutoConfig
 
-from .block import BlockRecords, capture, check_shapes, input_source, output_tensors, search_block
+from .block import capture, to_store, check_shapes, input_source, output_tensors, search_block
 from .budget import BlockShape, Plan, plan_block
 from .calib import cut_blocks, load_tokens, tokens_digest
 from .checkpoint import write_metadata, write_non_block_tensors
@@ -27,7 +27,6 @@ from .writer import DEFAULT_SHARD_BYTES, ShardWriter
 
 @dataclass
 class Summary:
-    records: list[BlockRecords]
     plan: Plan
     blocks: list[dict] = field(default_factory=list)  # per block: seconds and measured peaks
     seconds: float = 0.0
@@ -70,12 +69,12 @@ def quantize(
     store = dev if plan.activations_on_device else torch.device("cpu")
     prepare_output_dir(out_dir, overwrite)
 
-    x_chunks = [family.embed(reader.get, hf_config, c, dev, dtype).to(store)
+    x_chunks = [to_store(family.embed(reader.get, hf_config, c, dev, dtype), store)
                 for c in ids.split(plan.chunk_samples)]
     reader.release()
     kwargs = family.block_kwargs(hf_config, calib.seqlen, dev, dtype)
     writer = ShardWriter(out_dir, shard_bytes)
-    summary = Summary([], plan)
+    summary = Summary(plan)
     if on_block:
         on_block(0, n_layers)
     for i in range(n_layers):
@@ -89,9 +88,9 @@ def quantize(
         records = search_block(block, family, hf_config, feats, kwargs, qcfg)
         for name, t in output_tensors(block, records, qcfg).items():
             writer.add(prefix + name, t)
-        del block, feats
+        # records are not kept: at OPT-30B shape they are ~13 MB a block, growing with depth
+        del block, feats, records
         x_chunks = x_next
-        summary.records.append(records)
         summary.blocks.append({"block": i, "seconds": round(time.time() - t0, 3),
                                "peak_rss_bytes": peak_rss(), "peak_gpu_bytes": peak_device(dev)})
         if on_block:

@@ -50,9 +50,11 @@ def quant_params(
 
 
 def _float_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, w_bit: int) -> torch.Tensor:
-    """Codes as floats, grouped [out, n_group, group_size]."""
+    """Codes as floats, grouped [out, n_group, group_size]. One temporary, updated in place:
+    for a 28672 x 7168 weight every extra temporary is 0.8 GB of float32 traffic."""
     g = w.reshape(w.shape[0], scales.shape[1], -1)
-    return torch.clamp(torch.round(g / scales[..., None]) + zeros[..., None], 0, 2**w_bit - 1)
+    q = g / scales[..., None]
+    return q.round_().add_(zeros[..., None]).clamp_(0, 2**w_bit - 1)
 
 
 def quantize(
@@ -79,4 +81,4 @@ def pseudo_quantize(
     """Quantize-dequantize w in its own dtype: the weights a quantized model computes with."""
     scales, zeros = quant_params(w, w_bit, group_size, zero_point)
     q = _float_codes(w, scales, zeros, w_bit)
-    return ((q - zeros[..., None]) * scales[..., None]).reshape(w.shape)
+    return q.sub_(zeros[..., None]).mul_(scales[..., None]).reshape(w.shape)

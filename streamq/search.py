@@ -92,7 +92,7 @@ def search_scale(
         s = s / (s.max() * s.min()).sqrt()
         s_dev = s.to(device=device, dtype=originals[0].dtype)
         for lin, w in zip(linears, originals):
-            lin.weight.data = pseudo_quantize(w * s_dev, qcfg.w_bit, qcfg.group_size, qcfg.zero_point) / s_dev
+            lin.weight.data = pseudo_quantize(w * s_dev, qcfg.w_bit, qcfg.group_size, qcfg.zero_point).div_(s_dev)
         sse = torch.cat([_per_sample_sse(run_module(inspect, x.to(device), kwargs), ref.to(device))
                          for x, ref in zip(x_chunks, refs)])
         loss = float(sse.sum() / n_elem)
