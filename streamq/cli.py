@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -63,31 +64,72 @@ def run(
 ) -> None:
     """Quantize a model with AWQ (or an ablation) and write an AWQ GEMM checkpoint."""
     try:
-        from tqdm import tqdm
-
         from . import engine
 
         qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
                            mode=mode.value, duo_scaling=duo_scaling)
         ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen)
-        bars: list[tqdm] = []
-
-        def on_block(done: int, total: int) -> None:
-            if not bars:
-                bars.append(tqdm(total=total, desc="quantizing", unit="block", file=sys.stderr))
-            bars[0].update(done - bars[0].n)
-
-        try:
+        with progress() as on_block:
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,
                                       max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
                                       shard_bytes=parse_size(shard_size), overwrite=overwrite,
                                       on_block=on_block)
-        finally:
-            for bar in bars:
-                bar.close()
     except StreamqError as exc:
         fail(exc)
+    except KeyboardInterrupt:
+        interrupted(output)
     print_summary(summary, qcfg, output)
+
+
+@app.command()
+def resume(
+    output: Path = typer.Argument(..., help="The output directory of an interrupted `streamq run`."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda[:N]."),
+    max_gpu_mem: Optional[str] = typer.Option(None, "--max-gpu-mem", help="Memory ceiling for one block's "
+                                              "work on the device (may differ from the interrupted run's)."),
+) -> None:
+    """Continue an interrupted run from its last finished block. Every setting that decides
+    the result comes from the run's journal; the output is byte-identical to an
+    uninterrupted run on the same kind of device."""
+    try:
+        from . import engine
+        from .journal import Journal
+
+        with progress() as on_block:
+            summary = engine.resume(output, device=device,
+                                    max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
+                                    on_block=on_block)
+        qcfg = QuantConfig.from_json(Journal.open(output).state["settings"]["quant"])
+    except StreamqError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        interrupted(output)
+    typer.echo(f"resumed after block {summary.resumed_from}")
+    print_summary(summary, qcfg, output)
+
+
+@contextmanager
+def progress() -> Iterator:
+    """A per-block progress bar with ETA, created when the block count is known."""
+    from tqdm import tqdm
+
+    bars: list = []
+
+    def on_block(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, initial=done, desc="quantizing", unit="block", file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        yield on_block
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def interrupted(output: Path) -> None:
+    typer.echo(f"streamq: error: interrupted; the run stays resumable: streamq resume {output}", err=True)
+    raise typer.Exit(code=130)
 
 
 def print_summary(summary, qcfg: QuantConfig, output: Path) -> None:

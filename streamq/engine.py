@@ -1,28 +1,37 @@
 """The streaming engine: one decoder block on the device at a time, weights read from the
-mmap'd shards, packed shards written as blocks finish. Output is byte-identical to
-streamq.reference on the same inputs; memory scales with one block, not with the model."""
+mmap'd shards, packed shards written as blocks finish, a journal entry after every block.
+Output is byte-identical to streamq.reference on the same inputs, and a resumed run is
+byte-identical to an uninterrupted one; memory scales with one block, not with the model."""
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from transformers import AutoConfig
 
-from .block import capture, to_store, check_shapes, input_source, output_tensors, search_block
+from . import faults
+from .block import capture, check_shapes, input_source, output_tensors, search_block, to_store
 from .budget import BlockShape, Plan, plan_block
 from .calib import cut_blocks, load_tokens, tokens_digest
 from .checkpoint import write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
-from .families import build_block, detect
+from .errors import InterruptedRun, ResumeError
+from .families import Family, build_block, detect
 from .families.base import meta_block
+from .journal import Journal
 from .memory import peak_device, peak_rss, reset_peaks
 from .models import check_output_dir, compute_dtype, load_tokenizer, prepare_output_dir, resolve_device
 from .shards import ShardReader
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
+
+OnBlock = Callable[[int, int], None]
 
 
 @dataclass
@@ -32,6 +41,50 @@ class Summary:
     seconds: float = 0.0
     input_bytes: int = 0
     output_bytes: int = 0
+    resumed_from: int = 0
+
+
+@dataclass
+class Run:
+    """Everything the block loop needs, from a fresh start or from a journal."""
+
+    model_dir: Path
+    out_dir: Path
+    reader: ShardReader
+    hf_config: Any
+    family: Family
+    qcfg: QuantConfig
+    calib: CalibConfig
+    device: torch.device
+    dtype: torch.dtype
+    plan: Plan
+    captured: set[str]
+    max_gpu_mem: int | None
+    shard_bytes: int
+
+    @property
+    def store(self) -> torch.device:
+        return self.device if self.plan.activations_on_device else torch.device("cpu")
+
+
+def _prepare(model_dir: Path, out_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str,
+             max_gpu_mem: int | None, shard_bytes: int) -> Run:
+    """Read and check everything that can be checked before any output is written."""
+    reader = ShardReader(model_dir)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    family = detect(hf_config)
+    dev = resolve_device(device)
+    dtype = compute_dtype(dev)
+    shape_block = meta_block(hf_config)  # every block has the same shapes
+    check_shapes(shape_block, family.block_prefix(0), qcfg.group_size)
+    captured = set(input_source(shape_block, family, hf_config).values())
+    elem = torch.finfo(dtype).bits // 8
+    if max_gpu_mem is None and dev.type == "cuda":
+        max_gpu_mem = torch.cuda.mem_get_info(dev)[0]
+    shape = BlockShape.of(shape_block, captured, elem, qcfg.group_size, qcfg.clip_tokens)
+    plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, max_gpu_mem)
+    return Run(model_dir, out_dir, reader, hf_config, family, qcfg, calib, dev, dtype, plan, captured,
+               max_gpu_mem, shard_bytes)
 
 
 @torch.no_grad()
@@ -44,63 +97,134 @@ def quantize(
     max_gpu_mem: int | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
-    on_block: Callable[[int, int], None] | None = None,
+    on_block: OnBlock | None = None,
 ) -> Summary:
     """Quantize model_dir into out_dir, streaming one block at a time."""
     start = time.time()
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    reader = ShardReader(model_dir)
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    family = detect(hf_config)
-    dev = resolve_device(device)
-    dtype = compute_dtype(dev)
-    n_layers = family.n_layers(hf_config)
-
-    shape_block = meta_block(hf_config)  # every block has the same shapes
-    check_shapes(shape_block, family.block_prefix(0), qcfg.group_size)
-    captured = set(input_source(shape_block, family, hf_config).values())
-    ids = cut_blocks(load_tokens(calib, load_tokenizer(model_dir)), calib, hf_config.vocab_size)
-    elem = torch.finfo(dtype).bits // 8
-    if max_gpu_mem is None and dev.type == "cuda":
-        max_gpu_mem = torch.cuda.mem_get_info(dev)[0]
-    shape = BlockShape.of(shape_block, captured, elem, qcfg.group_size, qcfg.clip_tokens)
-    plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, max_gpu_mem)
-    store = dev if plan.activations_on_device else torch.device("cpu")
+    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes)
+    ids = cut_blocks(load_tokens(calib, load_tokenizer(model_dir)), calib, run.hf_config.vocab_size)
     prepare_output_dir(out_dir, overwrite)
+    settings = {"model_dir": str(model_dir), "quant": qcfg.to_json(), "calib": calib.to_json(),
+                "shard_bytes": shard_bytes, "fingerprint": run.reader.fingerprint(),
+                "tokens_sha256": tokens_digest(ids), "compute_dtype": str(run.dtype)}
+    journal = Journal.start(out_dir, settings, run.family.n_layers(run.hf_config))
+    x_chunks = [to_store(run.family.embed(run.reader.get, run.hf_config, c, run.device, run.dtype), run.store)
+                for c in ids.split(run.plan.chunk_samples)]
+    run.reader.release()
+    return _blocks(run, journal, ShardWriter(out_dir, shard_bytes), x_chunks, 0, start, on_block)
 
-    x_chunks = [to_store(family.embed(reader.get, hf_config, c, dev, dtype), store)
-                for c in ids.split(plan.chunk_samples)]
-    reader.release()
-    kwargs = family.block_kwargs(hf_config, calib.seqlen, dev, dtype)
-    writer = ShardWriter(out_dir, shard_bytes)
-    summary = Summary(plan)
+
+@torch.no_grad()
+def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = None,
+           on_block: OnBlock | None = None) -> Summary:
+    """Continue an interrupted run from its journal; settings come from the journal."""
+    start = time.time()
+    out_dir = Path(out_dir)
+    journal = Journal.open(out_dir)
+    state = journal.state
+    if state["complete"]:
+        raise ResumeError(f"{out_dir} is already complete ({state['n_layers']} of {state['n_layers']} blocks); "
+                          "nothing to resume")
+    settings = state["settings"]
+    model_dir = Path(settings["model_dir"])
+    if not model_dir.is_dir():
+        raise ResumeError(f"the source model {model_dir} recorded in the journal is gone")
+    qcfg, calib = QuantConfig.from_json(settings["quant"]), CalibConfig(**settings["calib"])
+    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, settings["shard_bytes"])
+    if run.reader.fingerprint() != settings["fingerprint"]:
+        raise ResumeError(f"the source model {model_dir} changed since the run started "
+                          "(shard headers or sizes differ); start over with --overwrite")
+    if str(run.dtype) != settings["compute_dtype"]:
+        print(f"streamq: warning: the run started computing in {settings['compute_dtype']} and continues in "
+              f"{run.dtype}; the output will not be byte-identical to an uninterrupted run", file=sys.stderr)
+    journal.verify_and_clean()
+    done = state["done_blocks"]
+    if done == 0:
+        ids = cut_blocks(load_tokens(calib, load_tokenizer(model_dir)), calib, run.hf_config.vocab_size)
+        hidden = torch.cat([run.family.embed(run.reader.get, run.hf_config, c, run.device, run.dtype)
+                            for c in ids.split(run.plan.chunk_samples)])
+        run.reader.release()
+    else:
+        hidden = journal.load_hidden().to(run.dtype)
+    x_chunks = [to_store(c.to(run.device), run.store) for c in hidden.split(run.plan.chunk_samples)]
+    del hidden
+    writer = journal.load_writer(settings["shard_bytes"])
+    summary = _blocks(run, journal, writer, x_chunks, done, start, on_block)
+    summary.resumed_from = done
+    return summary
+
+
+class _Stop:
+    """SIGINT/SIGTERM ask the loop to stop at the next safe point (after a journal entry);
+    a second SIGINT stops at once (the journal still allows resuming)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nstreamq: {signal.Signals(signum).name} received: stopping after the current block "
+              "(Ctrl-C again stops at once; the run stays resumable)", file=sys.stderr)
+
+
+@contextmanager
+def _stoppable():
+    stop = _Stop()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torch.Tensor], first: int,
+            start: float, on_block: OnBlock | None) -> Summary:
+    family, hf_config, dev = run.family, run.hf_config, run.device
+    n_layers = family.n_layers(hf_config)
+    kwargs = family.block_kwargs(hf_config, run.calib.seqlen, dev, run.dtype)
+    summary = Summary(run.plan, blocks=list(journal.state["blocks"]))
     if on_block:
-        on_block(0, n_layers)
-    for i in range(n_layers):
-        t0 = time.time()
-        reset_peaks(dev)
-        prefix = family.block_prefix(i)
-        block = build_block(hf_config, i, reader.with_prefix(prefix), dev, dtype)
-        reader.release()
-        # The next block's inputs are this block's unquantized outputs (as llm-awq does).
-        feats, x_next = capture(block, x_chunks, kwargs, captured, store)
-        records = search_block(block, family, hf_config, feats, kwargs, qcfg)
-        for name, t in output_tensors(block, records, qcfg).items():
-            writer.add(prefix + name, t)
-        # records are not kept: at OPT-30B shape they are ~13 MB a block, growing with depth
-        del block, feats, records
-        x_chunks = x_next
-        summary.blocks.append({"block": i, "seconds": round(time.time() - t0, 3),
-                               "peak_rss_bytes": peak_rss(), "peak_gpu_bytes": peak_device(dev)})
-        if on_block:
-            on_block(i + 1, n_layers)
-    write_non_block_tensors(reader, family, writer)
+        on_block(first, n_layers)
+    with _stoppable() as stop:
+        for i in range(first, n_layers):
+            t0 = time.time()
+            reset_peaks(dev)
+            prefix = family.block_prefix(i)
+            block = build_block(hf_config, i, run.reader.with_prefix(prefix), dev, run.dtype)
+            run.reader.release()
+            # The next block's inputs are this block's unquantized outputs (as llm-awq does).
+            feats, x_next = capture(block, x_chunks, kwargs, run.captured, run.store)
+            faults.point(f"block{i}:search")
+            records = search_block(block, family, hf_config, feats, kwargs, run.qcfg)
+            for name, t in output_tensors(block, records, run.qcfg).items():
+                writer.add(prefix + name, t)
+            # records are not kept: at OPT-30B shape they are ~13 MB a block, growing with depth
+            del block, feats, records
+            x_chunks = x_next
+            stats = {"block": i, "seconds": round(time.time() - t0, 3), "peak_rss_bytes": peak_rss(),
+                     "peak_gpu_bytes": peak_device(dev)}
+            journal.commit(i + 1, writer, x_chunks, stats)
+            summary.blocks.append(stats)
+            if on_block:
+                on_block(i + 1, n_layers)
+            if stop.signum is not None and i + 1 < n_layers:
+                raise InterruptedRun(f"stopped by {signal.Signals(stop.signum).name} after block {i + 1} of "
+                                     f"{n_layers}; continue with: streamq resume {run.out_dir}")
+    del x_chunks
+    write_non_block_tensors(run.reader, family, writer)
     writer.finish()
+    settings = journal.state["settings"]
+    write_metadata(run.out_dir, run.model_dir, family, hf_config, run.qcfg, run.calib, settings["tokens_sha256"],
+                   settings["fingerprint"], extra={"engine": "stream", "device": str(dev),
+                                                   "max_gpu_mem": run.max_gpu_mem, "plan": run.plan.to_json(),
+                                                   "blocks": summary.blocks})
+    journal.complete()
     summary.seconds = time.time() - start
-    summary.input_bytes = sum(p.stat().st_size for p in reader.shards())
-    summary.output_bytes = sum(p.stat().st_size for p in out_dir.glob("model-*.safetensors"))
-    write_metadata(out_dir, model_dir, family, hf_config, qcfg, calib, tokens_digest(ids), reader.fingerprint(),
-                   extra={"engine": "stream", "device": str(dev), "max_gpu_mem": max_gpu_mem,
-                          "plan": plan.to_json(), "blocks": summary.blocks})
+    summary.input_bytes = sum(p.stat().st_size for p in run.reader.shards())
+    summary.output_bytes = sum(p.stat().st_size for p in run.out_dir.glob("model-*.safetensors"))
     return summary

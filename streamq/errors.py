@@ -23,3 +23,15 @@ class SettingsError(StreamqError):
 
 class OutputError(StreamqError):
     """An output directory that cannot be written as asked."""
+
+
+class DiskFullError(StreamqError):
+    """The output disk filled up; the run directory stays resumable."""
+
+
+class InterruptedRun(StreamqError):
+    """Stopped by a signal at a safe point; the run directory is resumable."""
+
+
+class ResumeError(StreamqError):
+    """A run directory that cannot be resumed as it is."""

@@ -3,13 +3,18 @@ fsynced and renamed as they fill; the index is written last."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from . import faults
+from .errors import DiskFullError
 from .shards import INDEX_NAME
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -36,6 +41,27 @@ def write_json_atomic(path: Path, data: dict) -> None:
     replace_atomic(tmp, path)
 
 
+@contextmanager
+def disk_full_guard(path: Path, out_dir: Path):
+    """Turn ENOSPC into a clear error (and drop the partial temporary file); anything written
+    before stays, so the run can be resumed once space is freed."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        path.unlink(missing_ok=True)
+        raise DiskFullError(f"disk full while writing {path}; free space, then run: streamq resume {out_dir}") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -51,6 +77,7 @@ class ShardWriter:
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
         self.n_shards = 0
+        self.hashes: dict[str, str] = {}  # shard file -> sha256, for the resume journal
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.weight_map or name in self.pending:
@@ -67,9 +94,12 @@ class ShardWriter:
         self.n_shards += 1
         name = f"model-{self.n_shards:05d}.safetensors"
         tmp = self.out_dir / (name + ".tmp")
-        save_file(self.pending, str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)  # safetensors creates files private to the owner
-        replace_atomic(tmp, self.out_dir / name)
+        with disk_full_guard(tmp, self.out_dir):
+            save_file(self.pending, str(tmp), metadata={"format": "pt"})
+            os.chmod(tmp, 0o644)  # safetensors creates files private to the owner
+            self.hashes[name] = sha256_file(tmp)
+            faults.point(f"shard{self.n_shards}:written")
+            replace_atomic(tmp, self.out_dir / name)
         for key in self.pending:
             self.weight_map[key] = name
         self.total_bytes += self.pending_bytes
@@ -78,4 +108,19 @@ class ShardWriter:
     def finish(self) -> None:
         self.flush()
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
-        write_json_atomic(self.out_dir / INDEX_NAME, index)
+        with disk_full_guard(self.out_dir / (INDEX_NAME + ".tmp"), self.out_dir):
+            write_json_atomic(self.out_dir / INDEX_NAME, index)
+
+    def state(self) -> dict:
+        """Everything but the pending tensors, as JSON (the journal saves those separately)."""
+        return {"n_shards": self.n_shards, "total_bytes": self.total_bytes,
+                "weight_map": self.weight_map, "hashes": self.hashes, "pending_bytes": self.pending_bytes}
+
+    @classmethod
+    def restore(cls, out_dir: Path, max_bytes: int, state: dict, pending: dict[str, torch.Tensor]) -> "ShardWriter":
+        writer = cls(out_dir, max_bytes)
+        writer.n_shards, writer.total_bytes = state["n_shards"], state["total_bytes"]
+        writer.weight_map, writer.hashes = dict(state["weight_map"]), dict(state["hashes"])
+        writer.pending = dict(pending)
+        writer.pending_bytes = state["pending_bytes"]
+        return writer

@@ -1,0 +1,152 @@
+"""Crash-safe progress journal of a streamed run, kept in OUTPUT/.streamq/.
+
+After each finished block: the next block's inputs (the calibration hidden states) and the
+block's tensors that the writer has not yet put into a shard go to new files (temp, fsync,
+rename), then journal.json, which names them and the sha256 of every finished shard, is
+replaced atomically; only then are files no longer named removed. Pending tensors are saved
+once each (one file per block, dropped when they reach a shard), never the whole pending set. Whatever instant the process dies, journal.json describes
+a complete, consistent state: finished blocks, shards on disk, and the exact inputs to resume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import faults
+from .errors import ResumeError
+from .writer import ShardWriter, disk_full_guard, fsync_dir, replace_atomic, sha256_file, write_json_atomic
+
+JOURNAL_DIR = ".streamq"
+JOURNAL_NAME = "journal.json"
+FORMAT = 1
+
+
+def journal_path(out_dir: Path) -> Path:
+    return Path(out_dir) / JOURNAL_DIR / JOURNAL_NAME
+
+
+@dataclass
+class Status:
+    """What a run directory is: complete, resumable after `done` of `total` blocks."""
+
+    complete: bool
+    done: int
+    total: int
+
+
+def status(out_dir: Path) -> Status | None:
+    """None when out_dir holds no streamq journal."""
+    path = journal_path(out_dir)
+    if not path.is_file():
+        return None
+    state = read(out_dir)
+    return Status(state["complete"], state["done_blocks"], state["n_layers"])
+
+
+def read(out_dir: Path) -> dict:
+    path = journal_path(out_dir)
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ResumeError(f"{path} is unreadable; the run cannot be resumed (start over with --overwrite)") from None
+    if state.get("format") != FORMAT:
+        raise ResumeError(f"{path} was written by an incompatible streamq version")
+    return state
+
+
+class Journal:
+    def __init__(self, out_dir: Path, state: dict):
+        self.out_dir = Path(out_dir)
+        self.dir = self.out_dir / JOURNAL_DIR
+        self.state = state
+
+    @classmethod
+    def start(cls, out_dir: Path, settings: dict, n_layers: int) -> "Journal":
+        journal = cls(out_dir, {"format": FORMAT, "settings": settings, "n_layers": n_layers, "done_blocks": 0,
+                                "complete": False, "writer": None, "hidden": None, "pending": {}, "blocks": []})
+        journal.dir.mkdir(parents=True, exist_ok=True)
+        journal._write_index()
+        return journal
+
+    @classmethod
+    def open(cls, out_dir: Path) -> "Journal":
+        if not journal_path(out_dir).is_file():
+            raise ResumeError(f"{out_dir} is not a streamq run directory (no {JOURNAL_DIR}/{JOURNAL_NAME})")
+        return cls(out_dir, read(out_dir))
+
+    def _write_index(self) -> None:
+        with disk_full_guard(self.dir / (JOURNAL_NAME + ".tmp"), self.out_dir):
+            write_json_atomic(self.dir / JOURNAL_NAME, self.state)
+
+    def _save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = self.dir / (name + ".tmp")
+        with disk_full_guard(tmp, self.out_dir):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            replace_atomic(tmp, self.dir / name)
+
+    def files(self) -> set[str]:
+        return set(self.state["pending"]) | ({self.state["hidden"]} if self.state["hidden"] else set())
+
+    def commit(self, done: int, writer: ShardWriter, hidden: list[torch.Tensor], block_stats: dict) -> None:
+        """Record that `done` blocks are finished; `hidden` are the inputs of block `done`."""
+        old = self.files()
+        # a flush writes every pending tensor, so a file is either wholly pending or wholly written
+        pending = {f: names for f, names in self.state["pending"].items() if names[0] in writer.pending}
+        covered = {n for names in pending.values() for n in names}
+        new = sorted(n for n in writer.pending if n not in covered)
+        if new:
+            name = f"pending-{done:05d}.safetensors"
+            self._save(name, {n: writer.pending[n].cpu() for n in new})
+            pending[name] = new
+        hidden_name = f"hidden-{done:05d}.safetensors"
+        self._save(hidden_name, {"hidden": torch.cat([h.cpu() for h in hidden])})
+        faults.point(f"block{done - 1}:hidden")
+        self.state.update(done_blocks=done, writer=writer.state(), hidden=hidden_name, pending=pending,
+                          blocks=self.state["blocks"] + [block_stats])
+        self._write_index()
+        faults.point(f"block{done - 1}:journal")
+        for name in old - self.files():
+            (self.dir / name).unlink(missing_ok=True)
+
+    def complete(self) -> None:
+        for name in self.files():
+            (self.dir / name).unlink(missing_ok=True)
+        self.state.update(complete=True, hidden=None, pending={})
+        self._write_index()
+
+    def load_hidden(self) -> torch.Tensor:
+        return load_file(self.dir / self.state["hidden"])["hidden"]
+
+    def load_writer(self, max_bytes: int) -> ShardWriter:
+        pending: dict[str, torch.Tensor] = {}
+        for name in self.state["pending"]:
+            pending.update(load_file(self.dir / name))
+        state = self.state["writer"] or {"n_shards": 0, "total_bytes": 0, "weight_map": {}, "hashes": {},
+                                         "pending_bytes": 0}
+        return ShardWriter.restore(self.out_dir, max_bytes, state, pending)
+
+    def verify_and_clean(self) -> None:
+        """Check every recorded shard against its hash; remove what the crash left behind
+        (temporary files, shards written after the last journal entry, a stale index)."""
+        hashes = (self.state["writer"] or {}).get("hashes", {})
+        for name, digest in sorted(hashes.items()):
+            path = self.out_dir / name
+            if not path.is_file():
+                raise ResumeError(f"shard {name} recorded in the journal is missing from {self.out_dir}")
+            if sha256_file(path) != digest:
+                raise ResumeError(f"shard {name} does not match the hash recorded when it was written "
+                                  "(modified or damaged); start over with --overwrite")
+        keep = set(hashes) | {JOURNAL_DIR}
+        for path in self.out_dir.iterdir():
+            if path.name not in keep and path.is_file():
+                path.unlink()  # partial or unrecorded shards, .tmp files, index/config of a crash
+        live = self.files() | {JOURNAL_NAME}
+        for path in self.dir.iterdir():
+            if path.name not in live:
+                path.unlink()
+        fsync_dir(self.out_dir)
