@@ -78,7 +78,7 @@ def run(
         fail(exc)
     except KeyboardInterrupt:
         interrupted(output)
-    print_summary(summary, qcfg, output)
+    print_summary(summary, output)
 
 
 @app.command()
@@ -93,19 +93,17 @@ def resume(
     uninterrupted run on the same kind of device."""
     try:
         from . import engine
-        from .journal import Journal
 
         with progress() as on_block:
             summary = engine.resume(output, device=device,
                                     max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
                                     on_block=on_block)
-        qcfg = QuantConfig.from_json(Journal.open(output).state["settings"]["quant"])
     except StreamqError as exc:
         fail(exc)
     except KeyboardInterrupt:
         interrupted(output)
     typer.echo(f"resumed after block {summary.resumed_from}")
-    print_summary(summary, qcfg, output)
+    print_summary(summary, output)
 
 
 @contextmanager
@@ -132,9 +130,10 @@ def interrupted(output: Path) -> None:
     raise typer.Exit(code=130)
 
 
-def print_summary(summary, qcfg: QuantConfig, output: Path) -> None:
+def print_summary(summary, output: Path) -> None:
     from .budget import format_bytes
 
+    qcfg = summary.qcfg
     gpu = [b["peak_gpu_bytes"] for b in summary.blocks if b["peak_gpu_bytes"] is not None]
     plan = summary.plan
     lines = [

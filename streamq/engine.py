@@ -37,6 +37,7 @@ OnBlock = Callable[[int, int], None]
 @dataclass
 class Summary:
     plan: Plan
+    qcfg: QuantConfig
     blocks: list[dict] = field(default_factory=list)  # per block: seconds and measured peaks
     seconds: float = 0.0
     input_bytes: int = 0
@@ -187,7 +188,7 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
     family, hf_config, dev = run.family, run.hf_config, run.device
     n_layers = family.n_layers(hf_config)
     kwargs = family.block_kwargs(hf_config, run.calib.seqlen, dev, run.dtype)
-    summary = Summary(run.plan, blocks=list(journal.state["blocks"]))
+    summary = Summary(run.plan, run.qcfg, blocks=list(journal.state["blocks"]))
     if on_block:
         on_block(first, n_layers)
     with _stoppable() as stop:
