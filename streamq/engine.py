@@ -114,7 +114,7 @@ def quantize(
     x_chunks = [to_store(run.family.embed(run.reader.get, run.hf_config, c, run.device, run.dtype), run.store)
                 for c in ids.split(run.plan.chunk_samples)]
     run.reader.release()
-    return _blocks(run, journal, ShardWriter(out_dir, shard_bytes), x_chunks, 0, start, on_block)
+    return _blocks(run, journal, ShardWriter(out_dir, shard_bytes, keep_spools=True), x_chunks, 0, start, on_block)
 
 
 @torch.no_grad()

@@ -1,10 +1,10 @@
 """Crash-safe progress journal of a streamed run, kept in OUTPUT/.streamq/.
 
-After each finished block: the next block's inputs (the calibration hidden states) and the
-block's tensors that the writer has not yet put into a shard go to new files (temp, fsync,
-rename), then journal.json, which names them and the sha256 of every finished shard, is
-replaced atomically; only then are files no longer named removed. Pending tensors are saved
-once each (one file per block, dropped when they reach a shard), never the whole pending set. Whatever instant the process dies, journal.json describes
+After each finished block: the writer's spool (the packed tensors not yet in a shard) is
+fsynced, the next block's inputs (the calibration hidden states) go to a new file (temp,
+fsync, rename), then journal.json, which records the spool's length and tensors, the hidden
+file and the sha256 of every finished shard, is replaced atomically; only then are files no
+longer needed removed (the previous hidden states, spools of shards now recorded). Whatever instant the process dies, journal.json describes
 a complete, consistent state: finished blocks, shards on disk, and the exact inputs to resume.
 """
 
@@ -68,7 +68,7 @@ class Journal:
     @classmethod
     def start(cls, out_dir: Path, settings: dict, n_layers: int) -> "Journal":
         journal = cls(out_dir, {"format": FORMAT, "settings": settings, "n_layers": n_layers, "done_blocks": 0,
-                                "complete": False, "writer": None, "hidden": None, "pending": {}, "blocks": []})
+                                "complete": False, "writer": None, "hidden": None, "blocks": []})
         journal.dir.mkdir(parents=True, exist_ok=True)
         journal._write_index()
         return journal
@@ -90,45 +90,42 @@ class Journal:
             replace_atomic(tmp, self.dir / name)
 
     def files(self) -> set[str]:
-        return set(self.state["pending"]) | ({self.state["hidden"]} if self.state["hidden"] else set())
+        """The journal directory's files that the current entry needs."""
+        live = {JOURNAL_NAME}
+        if self.state["hidden"]:
+            live.add(self.state["hidden"])
+        if self.state["writer"] and self.state["writer"]["pending"]:
+            live.add(f"pending-{self.state['writer']['n_shards'] + 1:05d}.data")
+        return live
 
     def commit(self, done: int, writer: ShardWriter, hidden: list[torch.Tensor], block_stats: dict) -> None:
         """Record that `done` blocks are finished; `hidden` are the inputs of block `done`."""
-        old = self.files()
-        # a flush writes every pending tensor, so a file is either wholly pending or wholly written
-        pending = {f: names for f, names in self.state["pending"].items() if names[0] in writer.pending}
-        covered = {n for names in pending.values() for n in names}
-        new = sorted(n for n in writer.pending if n not in covered)
-        if new:
-            name = f"pending-{done:05d}.safetensors"
-            self._save(name, {n: writer.pending[n].cpu() for n in new})
-            pending[name] = new
+        previous_hidden = self.state["hidden"]
+        writer.sync()
         hidden_name = f"hidden-{done:05d}.safetensors"
         self._save(hidden_name, {"hidden": torch.cat([h.cpu() for h in hidden])})
         faults.point(f"block{done - 1}:hidden")
-        self.state.update(done_blocks=done, writer=writer.state(), hidden=hidden_name, pending=pending,
+        self.state.update(done_blocks=done, writer=writer.state(), hidden=hidden_name,
                           blocks=self.state["blocks"] + [block_stats])
         self._write_index()
         faults.point(f"block{done - 1}:journal")
-        for name in old - self.files():
-            (self.dir / name).unlink(missing_ok=True)
+        writer.drop_written_spools()
+        if previous_hidden:
+            (self.dir / previous_hidden).unlink(missing_ok=True)
 
     def complete(self) -> None:
-        for name in self.files():
-            (self.dir / name).unlink(missing_ok=True)
-        self.state.update(complete=True, hidden=None, pending={})
+        if self.state["hidden"]:
+            (self.dir / self.state["hidden"]).unlink(missing_ok=True)
+        self.state.update(complete=True, hidden=None)
         self._write_index()
 
     def load_hidden(self) -> torch.Tensor:
         return load_file(self.dir / self.state["hidden"])["hidden"]
 
     def load_writer(self, max_bytes: int) -> ShardWriter:
-        pending: dict[str, torch.Tensor] = {}
-        for name in self.state["pending"]:
-            pending.update(load_file(self.dir / name))
         state = self.state["writer"] or {"n_shards": 0, "total_bytes": 0, "weight_map": {}, "hashes": {},
-                                         "pending_bytes": 0}
-        return ShardWriter.restore(self.out_dir, max_bytes, state, pending)
+                                         "pending": [], "pending_bytes": 0}
+        return ShardWriter.restore(self.out_dir, max_bytes, state)
 
     def verify_and_clean(self) -> None:
         """Check every recorded shard against its hash; remove what the crash left behind
@@ -145,8 +142,10 @@ class Journal:
         for path in self.out_dir.iterdir():
             if path.name not in keep and path.is_file():
                 path.unlink()  # partial or unrecorded shards, .tmp files, index/config of a crash
-        live = self.files() | {JOURNAL_NAME}
+        live = self.files()
+        n_shards = (self.state["writer"] or {}).get("n_shards", 0)
+        current_spool = f"pending-{n_shards + 1:05d}.data"  # ShardWriter.restore cuts it back
         for path in self.dir.iterdir():
-            if path.name not in live:
+            if path.name not in live and path.name != current_spool:
                 path.unlink()
         fsync_dir(self.out_dir)

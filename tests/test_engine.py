@@ -21,7 +21,7 @@ def calib_for(name, tmp_path):
 
 
 def checkpoint_bytes(out):
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "streamq.json"}
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != "streamq.json"}
 
 
 @pytest.mark.parametrize("mode", ["awq", "s2", "keep1"])

@@ -21,6 +21,7 @@ CALIB = CalibConfig(n_samples=8, seqlen=64)
 
 
 def output_bytes(out_dir):
+    assert not (out_dir / ".streamq").exists()  # the writer's spool is gone
     return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir()) if p.name != "streamq.json"}
 
 

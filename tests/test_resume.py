@@ -123,27 +123,44 @@ def test_options_that_change_the_result_are_refused_on_resume(tmp_path):
     assert result.returncode != 0 and "No such option" in result.stderr
 
 
-def test_disk_full_stops_cleanly_and_resumes(tiny_models, uninterrupted, tmp_path, monkeypatch):
+@pytest.mark.parametrize("victim,expected", [("model-", r"model-00002.safetensors.tmp"),
+                                             ("journal.json", r"journal.json.tmp")])
+def test_disk_full_stops_cleanly_and_resumes(tiny_models, uninterrupted, tmp_path, monkeypatch, victim, expected):
     calls = []
-    real = writer.save_file
+    real = writer.replace_atomic
 
-    def full_on_second_shard(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 2:
-            with open(path, "wb") as f:
-                f.write(b"partial")
+    def full_on_second_write(tmp, final):
+        calls.append(final.name.startswith(victim))
+        if sum(calls) == 2 and calls[-1]:  # the fsync of the temporary file reports a full disk
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, path, metadata=metadata)
+        return real(tmp, final)
 
-    monkeypatch.setattr(writer, "save_file", full_on_second_shard)
+    monkeypatch.setattr(writer, "replace_atomic", full_on_second_write)
     out = tmp_path / "out"
     calib = CalibConfig(n_samples=6, seqlen=64)
-    with pytest.raises(DiskFullError, match=r"disk full while writing .*model-00002.safetensors.tmp; free space, "
-                                            r"then run: streamq resume"):
+    with pytest.raises(DiskFullError, match=rf"disk full while writing .*{expected}; free space, then run: streamq resume"):
         engine.quantize(tiny_models["opt"], out, calib=calib, shard_bytes=150_000)
-    assert not list(out.glob("*.tmp"))
-    monkeypatch.setattr(writer, "save_file", real)
+    assert not list(out.glob("*.tmp")) and not list((out / ".streamq").glob("*.tmp"))
+    monkeypatch.setattr(writer, "replace_atomic", real)
     engine.resume(out)
     assert checkpoint(out) == uninterrupted["opt"]
     with pytest.raises(ResumeError, match="already complete"):
         engine.resume(out)
+
+
+def test_writer_holds_no_tensor_in_memory(tmp_path):
+    """Packed tensors go to the spool as they arrive: pending is metadata only."""
+    import torch
+
+    w = writer.ShardWriter(tmp_path, max_bytes=10**9)
+    w.add("a", torch.arange(6, dtype=torch.int32).reshape(2, 3))
+    w.add("b", torch.ones(5, dtype=torch.float16))
+    assert all(not isinstance(x, torch.Tensor) for p in w.pending for x in p)
+    assert w.spool().stat().st_size == 6 * 4 + 5 * 2
+    w.finish()
+    from safetensors.torch import load_file
+
+    loaded = load_file(tmp_path / "model-00001.safetensors")
+    assert torch.equal(loaded["a"], torch.arange(6, dtype=torch.int32).reshape(2, 3))
+    assert torch.equal(loaded["b"], torch.ones(5, dtype=torch.float16))
+    assert not (tmp_path / ".streamq").exists()

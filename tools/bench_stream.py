@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=64)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--mode", default="awq", help="awq, or rtn to measure the streaming alone (no search)")
     parser.add_argument("--max-gpu-mem", default=None)
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--ffn", type=int, default=28672)
@@ -59,9 +60,10 @@ def main() -> None:
         if n != deepest:
             subprocess.run([sys.executable, str(HERE / "make_wide_model.py"), "--from", str(base), "--layers", str(n),
                             "--out", str(model)], check=True)
-        out = args.work / f"out-{n}"
+        out = args.work / f"out-{args.mode}-{n}"
         cmd = ["streamq", "run", "--model", str(model), "--output", str(out), "--overwrite", "--calib", str(ids),
-               "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen), "--device", args.device]
+               "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen), "--device", args.device,
+               "--mode", args.mode]
         if args.max_gpu_mem:
             cmd += ["--max-gpu-mem", args.max_gpu_mem]
         rss, seconds = run(cmd)
@@ -74,7 +76,7 @@ def main() -> None:
                      info["plan"]["chunk_samples"], seconds, seconds / n))
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
-          f"device {args.device}; budget {args.max_gpu_mem or 'none'}; calibration {args.n_samples} x {args.seqlen} tokens; "
+          f"mode {args.mode}; device {args.device}; budget {args.max_gpu_mem or 'none'}; calibration {args.n_samples} x {args.seqlen} tokens; "
           f"block shape hidden {args.hidden}, ffn {args.ffn}, heads {args.heads}")
     print("| layers | model GB (fp16) | process peak RSS GiB | block peak RSS GiB | block peak GPU GiB "
           "| planned peak GiB | chunk | time s | s/block |")
