@@ -20,9 +20,12 @@ def pack_gemm(codes: torch.Tensor) -> torch.Tensor:
     rows, cols = codes.shape
     if cols % _PER_INT32:
         raise ValueError(f"packed width {cols} is not a multiple of {_PER_INT32}")
-    c = codes.to(torch.int64).reshape(rows, cols // _PER_INT32, _PER_INT32)[..., list(AWQ_ORDER)]
-    shifts = torch.arange(_PER_INT32, dtype=torch.int64, device=codes.device) * _SLOT_BITS
-    packed = (c << shifts).sum(dim=-1)  # disjoint bit ranges: the sum is a bitwise or
+    c = codes.reshape(rows, cols // _PER_INT32, _PER_INT32)
+    # one nibble column at a time, in int64 (no sign overflow): the working set stays at
+    # two words per packed word instead of eight per code
+    packed = torch.zeros(rows, cols // _PER_INT32, dtype=torch.int64, device=codes.device)
+    for i, column in enumerate(AWQ_ORDER):
+        packed |= c[..., column].to(torch.int64) << (_SLOT_BITS * i)
     # reinterpret the unsigned 32-bit value as int32 (two's complement)
     packed = torch.where(packed >= 2**31, packed - 2**32, packed)
     return packed.to(torch.int32)
