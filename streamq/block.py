@@ -145,6 +145,25 @@ def search_block(
 
 
 @torch.no_grad()
+def quantize_block(
+    block: nn.Module,
+    family: Family,
+    config: Any,
+    x_chunks: Chunks,
+    kwargs: dict,
+    qcfg: QuantConfig,
+    store: torch.device | None = None,
+) -> tuple[BlockRecords, dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The whole AWQ step for one block: (records, output tensors, next block's inputs).
+    The next block's inputs are this block's unquantized outputs (as llm-awq does)."""
+    captured = set(input_source(block, family, config).values())
+    feats, x_next = capture(block, x_chunks, kwargs, captured, store)
+    records = search_block(block, family, config, feats, kwargs, qcfg)
+    del feats
+    return records, output_tensors(block, records, qcfg), x_next
+
+
+@torch.no_grad()
 def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
     """The block's tensors as written to the checkpoint (names relative to the block, on the
     host): packed qweight/qzeros/scales per linear, or fake-quantized fp16 weights for keep1;

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig
 
 from . import faults
-from .block import capture, check_shapes, input_source, output_tensors, search_block, to_store
+from .block import check_shapes, input_source, quantize_block, to_store
 from .budget import BlockShape, Plan, plan_block
 from .calib import cut_blocks, load_tokens, tokens_digest
 from .checkpoint import write_metadata, write_non_block_tensors
@@ -59,7 +59,6 @@ class Run:
     device: torch.device
     dtype: torch.dtype
     plan: Plan
-    captured: set[str]
     max_gpu_mem: int | None
     shard_bytes: int
 
@@ -84,8 +83,20 @@ def _prepare(model_dir: Path, out_dir: Path, qcfg: QuantConfig, calib: CalibConf
         max_gpu_mem = torch.cuda.mem_get_info(dev)[0]
     shape = BlockShape.of(shape_block, captured, elem, qcfg.group_size, qcfg.clip_tokens)
     plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, max_gpu_mem)
-    return Run(model_dir, out_dir, reader, hf_config, family, qcfg, calib, dev, dtype, plan, captured,
+    return Run(model_dir, out_dir, reader, hf_config, family, qcfg, calib, dev, dtype, plan,
                max_gpu_mem, shard_bytes)
+
+
+def _calibration_ids(run: Run) -> torch.Tensor:
+    return cut_blocks(load_tokens(run.calib, load_tokenizer(run.model_dir)), run.calib, run.hf_config.vocab_size)
+
+
+def _first_block_inputs(run: Run, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Block 0's inputs per chunk, from the mmap'd embedding tables, kept where the plan says."""
+    chunks = [to_store(run.family.embed(run.reader.get, run.hf_config, c, run.device, run.dtype), run.store)
+              for c in ids.split(run.plan.chunk_samples)]
+    run.reader.release()
+    return chunks
 
 
 @torch.no_grad()
@@ -105,15 +116,13 @@ def quantize(
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
     check_output_dir(out_dir, overwrite)
     run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes)
-    ids = cut_blocks(load_tokens(calib, load_tokenizer(model_dir)), calib, run.hf_config.vocab_size)
+    ids = _calibration_ids(run)
     prepare_output_dir(out_dir, overwrite)
     settings = {"model_dir": str(model_dir), "quant": qcfg.to_json(), "calib": calib.to_json(),
                 "shard_bytes": shard_bytes, "fingerprint": run.reader.fingerprint(),
                 "tokens_sha256": tokens_digest(ids), "compute_dtype": str(run.dtype)}
     journal = Journal.start(out_dir, settings, run.family.n_layers(run.hf_config))
-    x_chunks = [to_store(run.family.embed(run.reader.get, run.hf_config, c, run.device, run.dtype), run.store)
-                for c in ids.split(run.plan.chunk_samples)]
-    run.reader.release()
+    x_chunks = _first_block_inputs(run, ids)
     return _blocks(run, journal, ShardWriter(out_dir, shard_bytes, keep_spools=True), x_chunks, 0, start, on_block)
 
 
@@ -143,14 +152,11 @@ def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = 
     journal.verify_and_clean()
     done = state["done_blocks"]
     if done == 0:
-        ids = cut_blocks(load_tokens(calib, load_tokenizer(model_dir)), calib, run.hf_config.vocab_size)
-        hidden = torch.cat([run.family.embed(run.reader.get, run.hf_config, c, run.device, run.dtype)
-                            for c in ids.split(run.plan.chunk_samples)])
-        run.reader.release()
+        x_chunks = _first_block_inputs(run, _calibration_ids(run))
     else:
         hidden = journal.load_hidden().to(run.dtype)
-    x_chunks = [to_store(c.to(run.device), run.store) for c in hidden.split(run.plan.chunk_samples)]
-    del hidden
+        x_chunks = [to_store(c.to(run.device), run.store) for c in hidden.split(run.plan.chunk_samples)]
+        del hidden
     writer = journal.load_writer(settings["shard_bytes"])
     summary = _blocks(run, journal, writer, x_chunks, done, start, on_block)
     summary.resumed_from = done
@@ -198,15 +204,13 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
             prefix = family.block_prefix(i)
             block = build_block(hf_config, i, run.reader.with_prefix(prefix), dev, run.dtype)
             run.reader.release()
-            # The next block's inputs are this block's unquantized outputs (as llm-awq does).
-            feats, x_next = capture(block, x_chunks, kwargs, run.captured, run.store)
             faults.point(f"block{i}:search")
-            records = search_block(block, family, hf_config, feats, kwargs, run.qcfg)
-            for name, t in output_tensors(block, records, run.qcfg).items():
+            records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, run.qcfg,
+                                                        run.store)
+            for name, t in tensors.items():
                 writer.add(prefix + name, t)
             # records are not kept: at OPT-30B shape they are ~13 MB a block, growing with depth
-            del block, feats, records
-            x_chunks = x_next
+            del block, records, tensors
             stats = {"block": i, "seconds": round(time.time() - t0, 3), "peak_rss_bytes": peak_rss(),
                      "peak_gpu_bytes": peak_device(dev)}
             journal.commit(i + 1, writer, x_chunks, stats)

@@ -10,6 +10,7 @@ import torch
 
 from .errors import OutputError, SettingsError
 from .checkpoint import TOKENIZER_FILES
+from .journal import status as journal_status
 
 
 def resolve_device(device: str) -> torch.device:
@@ -41,9 +42,7 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output path {out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        from .journal import status
-
-        run = status(out_dir)
+        run = journal_status(out_dir)
         if run is not None and not run.complete:
             raise OutputError(f"output directory {out_dir} holds an interrupted run ({run.done} of {run.total} "
                               f"blocks done); continue it with: streamq resume {out_dir} (or pass --overwrite)")

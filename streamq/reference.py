@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from .block import BlockRecords, capture, check_shapes, input_source, output_tensors, search_block
+from .block import BlockRecords, check_shapes, quantize_block
 from .calib import cut_blocks, load_tokens, tokens_digest
 from .checkpoint import write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
@@ -90,14 +90,10 @@ def quantize(
     if on_block:
         on_block(0, len(layers))
     for i, block in enumerate(layers):
-        # The next block's inputs are this block's unquantized outputs (as llm-awq does).
-        feats, x_next = capture(block, x_chunks, kwargs, set(input_source(block, family, hf_config).values()))
-        records = search_block(block, family, hf_config, feats, kwargs, qcfg)
-        for name, t in output_tensors(block, records, qcfg).items():
+        records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, qcfg)
+        for name, t in tensors.items():
             writer.add(family.block_prefix(i) + name, t)
         all_records.append(records)
-        x_chunks = x_next
-        del feats
         if on_block:
             on_block(i + 1, len(layers))
     write_non_block_tensors(reader, family, writer)
