@@ -106,8 +106,68 @@ def resume(
     print_summary(summary, output)
 
 
+@app.command()
+def ppl(
+    model: Path = typer.Option(..., "--model", help="A local checkpoint: an original fp16/bf16/fp32 model or a "
+                               "streamq (AWQ GEMM) output directory."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation text: plain text (e.g. wikitext-2 raw "
+                                        "test), JSONL with a 'text' field (documents joined by blank lines), or "
+                                        "token ids as a 1-D .pt/.npy. Default: docutils' documentation, fetched "
+                                        "from PyPI once and cached (see README)."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per segment; the text is cut into non-overlapping "
+                               "segments and the remainder dropped."),
+    max_segments: Optional[int] = typer.Option(None, "--max-segments", help="Evaluate only the first N segments "
+                                               "(for quick checks on CPU). Default: all."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda[:N]."),
+    max_gpu_mem: Optional[str] = typer.Option(None, "--max-gpu-mem", help="Memory ceiling on the device for one "
+                                              "block and its chunk of segments, e.g. 38GB. Default: the device's "
+                                              "free memory."),
+    host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Host memory for the hidden states of all "
+                                           "segments; beyond it they go to a file in --workdir. Default: half "
+                                           "of the available memory."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Directory for the hidden-state file when "
+                                           "--host-mem is exceeded. Default: the system temp directory."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result and its settings here."),
+) -> None:
+    """Perplexity of a checkpoint, streamed one block at a time (the AWQ paper's evaluation:
+    exp of the mean token NLL over non-overlapping segments)."""
+    try:
+        from . import ppl as ppl_mod
+
+        if data is None:
+            from . import assets
+
+            data = assets.evaluation_text()
+            typer.echo(f"evaluation text: {data} ({assets.EVAL_SDIST} documentation)", err=True)
+        with progress("evaluating") as on_block:
+            result = ppl_mod.perplexity(model, data, seqlen=seqlen, max_segments=max_segments, device=device,
+                                        max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
+                                        host_mem=parse_size(host_mem) if host_mem is not None else None,
+                                        workdir=workdir, on_block=on_block)
+        if json_out is not None:
+            from .writer import write_json_atomic
+
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(json_out, result.to_json())
+    except StreamqError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("streamq: error: interrupted", err=True)
+        raise typer.Exit(code=130)
+    typer.echo(ppl_line(result))
+
+
+def ppl_line(result) -> str:
+    from .budget import format_bytes
+
+    gpu = f", peak GPU {format_bytes(result.peak_gpu_bytes)}" if result.peak_gpu_bytes is not None else ""
+    return (f"ppl {result.ppl:.4f}  ({result.weights} weights; {result.segments} segments x {result.seqlen} tokens "
+            f"of {Path(result.data).name}; {result.seconds:.1f} s on {result.device}, peak RSS "
+            f"{format_bytes(result.peak_rss_bytes)}{gpu}, hidden states on the {result.hidden_storage})")
+
+
 @contextmanager
-def progress() -> Iterator:
+def progress(desc: str = "quantizing") -> Iterator:
     """A per-block progress bar with ETA, created when the block count is known."""
     from tqdm import tqdm
 
@@ -115,7 +175,7 @@ def progress() -> Iterator:
 
     def on_block(done: int, total: int) -> None:
         if not bars:
-            bars.append(tqdm(total=total, initial=done, desc="quantizing", unit="block", file=sys.stderr))
+            bars.append(tqdm(total=total, initial=done, desc=desc, unit="block", file=sys.stderr))
         bars[0].update(done - bars[0].n)
 
     try:

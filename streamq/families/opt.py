@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .base import Family, ScaleGroup
 
@@ -37,6 +38,25 @@ def _embed(get, config: Any, ids: torch.Tensor, device: torch.device, dtype: tor
     return tokens + F.embedding(positions, get("model.decoder.embed_positions.weight")).to(device, dtype)[None]
 
 
+def _final(find, config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """final_layer_norm (absent in models that normalise after each block, like opt-350m),
+    then project_out where the embedding width differs from the hidden size."""
+    steps: list[nn.Module] = []
+    if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):
+        affine = config.layer_norm_elementwise_affine
+        norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine, device="meta" if affine else device)
+        if affine:
+            norm.weight = nn.Parameter(find("model.decoder.final_layer_norm.weight").to(device, dtype), False)
+            norm.bias = nn.Parameter(find("model.decoder.final_layer_norm.bias").to(device, dtype), False)
+        steps.append(norm)
+    project_out = find("model.decoder.project_out.weight")
+    if project_out is not None:
+        linear = nn.Linear(*project_out.shape[::-1], bias=False, device="meta")
+        linear.weight = nn.Parameter(project_out.to(device, dtype), requires_grad=False)
+        steps.append(linear)
+    return nn.Sequential(*steps).eval()
+
+
 def _extra_linears(config: Any) -> list[str]:
     extra = ["lm_head"]
     if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
@@ -52,5 +72,7 @@ OPT = Family(
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
     block_kwargs=_block_kwargs,
     embed=_embed,
+    final=_final,
+    embed_weight="model.decoder.embed_tokens.weight",
     extra_linears=_extra_linears,
 )

@@ -1,0 +1,276 @@
+"""Streamed perplexity, the AWQ paper's evaluation: the text tokenised once, cut into
+non-overlapping segments of `seqlen` tokens, pushed through one decoder block at a time.
+
+Block weights come from the mmap'd shards (an AWQ GEMM checkpoint is dequantized on the device,
+as a kernel would), hidden states wait on the host between blocks, or in a file on disk when
+they exceed the host budget; the final norm, lm_head and token NLL run in chunks. Memory scales
+with one block plus the hidden states of the evaluation text, never with the model."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig
+
+from .budget import format_bytes
+from .calib import read_ids, read_text
+from .errors import CalibrationError, SettingsError, UnsupportedModelError
+from .families import Family, build_block, detect
+from .families.base import meta_block
+from .memory import peak_device, peak_rss, reset_peaks
+from .models import load_tokenizer, resolve_device
+from .pack import dequantize_gemm
+from .search import run_module
+from .shards import ShardReader
+
+OnBlock = Callable[[int, int], None]
+MAX_CHUNK_SEGMENTS = 16  # beyond this, larger chunks buy no speed and only cost memory
+HEAD_ROWS = 512  # tokens per lm_head product: bounds the float32 logits, [rows, vocab]
+
+
+@dataclass(frozen=True)
+class PplResult:
+    ppl: float
+    mean_nll: float  # natural log, per predicted token
+    tokens: int  # predicted tokens: segments x (seqlen - 1)
+    segments: int
+    seqlen: int
+    dropped_tokens: int  # the remainder after the last whole segment
+    model_dir: str
+    data: str
+    data_tokens: int
+    weights: str  # "fp16", "bf16", ... or "awq-int4" / "awq-int3" (dequantized on the device)
+    device: str
+    compute_dtype: str
+    chunk_segments: int
+    hidden_storage: str  # "host" or "disk"
+    seconds: float
+    peak_rss_bytes: int
+    peak_gpu_bytes: int | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def eval_tokens(data: Path, tokenizer: Any | None) -> torch.Tensor:
+    """The evaluation stream as token ids. Text (JSONL documents joined by blank lines, as the
+    paper joins wikitext-2's lines with "\\n\\n") is tokenised once with the tokenizer's own
+    special tokens, as llm-awq's evaluation does; .pt/.npy files hold ids already."""
+    if not data.is_file():
+        raise CalibrationError(f"evaluation data {data} does not exist")
+    if data.suffix in (".pt", ".npy"):
+        return read_ids(data)
+    if tokenizer is None:
+        raise CalibrationError("the model has no tokenizer files; pass token ids with --data FILE.pt or FILE.npy")
+    text = read_text(data)
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def cut_segments(ids: torch.Tensor, seqlen: int, max_segments: int | None = None) -> torch.Tensor:
+    """[n, seqlen] consecutive segments from the start of the stream; the remainder is dropped."""
+    n = ids.numel() // seqlen
+    if max_segments is not None:
+        n = min(n, max_segments)
+    if n == 0:
+        raise CalibrationError(f"evaluation data has {ids.numel()} tokens, fewer than one segment of "
+                               f"--seqlen {seqlen}; give more text or a shorter --seqlen")
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+class HiddenStore:
+    """Hidden states of every segment, [n, seqlen, hidden], in RAM up to `host_bytes`, else in
+    a file mapped into memory (pages go to disk, not to swap or the OOM killer)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, host_bytes: int, workdir: Path | None):
+        numel = math.prod(shape)
+        nbytes = numel * (torch.finfo(dtype).bits // 8)
+        self.tmpdir: Path | None = None
+        if nbytes <= host_bytes:
+            self.data = torch.empty(shape, dtype=dtype)
+            return
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="streamq-ppl-", dir=workdir))
+        path = self.tmpdir / "hidden.bin"
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+        self.data = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+
+    @property
+    def on_disk(self) -> bool:
+        return self.tmpdir is not None
+
+    def close(self) -> None:
+        del self.data
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def awq_bits(hf_config: Any) -> int | None:
+    """Bits of an AWQ GEMM checkpoint, None for plain weights; other formats are refused."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method, version = qc.get("quant_method"), str(qc.get("version", "gemm")).lower()
+    if method != "awq" or version != "gemm":
+        raise UnsupportedModelError(f"cannot evaluate quantization_config {method!r} version {version!r}; "
+                                    "streamq reads plain fp16/bf16/fp32 checkpoints and AWQ GEMM checkpoints")
+    return int(qc["bits"])
+
+
+def eval_dtype(device: torch.device, hf_config: Any, bits: int | None) -> torch.dtype:
+    """float32 on CPU (fp16 products are >10x slower there); on GPU the checkpoint's own
+    half precision (bf16 models stay bf16; AWQ kernels compute in fp16)."""
+    if device.type == "cpu":
+        return torch.float32
+    declared = str(getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", ""))
+    return torch.bfloat16 if bits is None and "bfloat16" in declared else torch.float16
+
+
+def block_state(reader: ShardReader, prefix: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """One block's tensors by name relative to the block; packed linears (qweight, qzeros,
+    scales) become fp16 `weight`s, dequantized on `device`."""
+    raw = reader.with_prefix(prefix)
+    state = {}
+    for name, t in raw.items():
+        if name.endswith(".qweight"):
+            base = name[: -len(".qweight")]
+            state[base + ".weight"] = dequantize_gemm(t.to(device), raw[base + ".qzeros"].to(device),
+                                                      raw[base + ".scales"].to(device))
+        elif not name.endswith((".qzeros", ".scales")):
+            state[name] = t
+    return state
+
+
+def plan_chunk(block: nn.Module, hf_config: Any, n_segments: int, seqlen: int, elem: int,
+               budget: int | None, default: int = 4) -> int:
+    """Segments per forward pass that fit `budget` on the device: one block's weights (and a
+    dequantization's int32 temporaries), then per segment its input and output, the widest
+    intermediates and (without flash attention) the heads x seqlen x seqlen scores."""
+    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    hidden = hf_config.hidden_size
+    widest = max(max(m.out_features for m in linears), 3 * hidden)
+    fixed = sum(p.numel() for p in block.parameters()) * elem + 3 * 4 * max(m.weight.numel() for m in linears)
+    per_segment = seqlen * elem * (6 * hidden + 4 * widest) + hf_config.num_attention_heads * seqlen ** 2 * elem
+    cap = min(n_segments, MAX_CHUNK_SEGMENTS if budget is not None else default)
+    if budget is None:
+        return cap
+    if fixed + per_segment > budget:
+        raise SettingsError(f"--max-gpu-mem {format_bytes(budget)} is too small to evaluate: one block needs at "
+                            f"least {format_bytes(fixed + per_segment)} (its weights plus one segment of "
+                            f"{seqlen} tokens)")
+    return max(c for c in range(1, cap + 1) if fixed + c * per_segment <= budget)
+
+
+def _lm_head_weight(reader: ShardReader, family: Family) -> torch.Tensor:
+    names = set(reader.names())
+    return reader.get("lm_head.weight" if "lm_head.weight" in names else family.embed_weight)
+
+
+@torch.no_grad()
+def perplexity(
+    model_dir: str | Path,
+    data: str | Path,
+    seqlen: int = 2048,
+    max_segments: int | None = None,
+    device: str = "auto",
+    max_gpu_mem: int | None = None,
+    host_mem: int | None = None,
+    workdir: str | Path | None = None,
+    on_block: OnBlock | None = None,
+) -> PplResult:
+    """Perplexity of the checkpoint in model_dir (plain or AWQ GEMM) on the text in `data`."""
+    start = time.time()
+    model_dir, data = Path(model_dir).resolve(), Path(data)
+    if seqlen < 2:
+        raise SettingsError(f"--seqlen must be at least 2, got {seqlen}")
+    reader = ShardReader(model_dir)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    family = detect(hf_config)
+    bits = awq_bits(hf_config)
+    dev = resolve_device(device)
+    dtype = eval_dtype(dev, hf_config, bits)
+    if seqlen > getattr(hf_config, "max_position_embeddings", seqlen):
+        raise SettingsError(f"--seqlen {seqlen} is longer than the model's {hf_config.max_position_embeddings} "
+                            "positions")
+    ids = eval_tokens(data, load_tokenizer(model_dir))
+    if ids.numel() and int(ids.max()) >= hf_config.vocab_size:
+        raise CalibrationError(f"token id {int(ids.max())} is outside the model's vocabulary ({hf_config.vocab_size})")
+    segments = cut_segments(ids, seqlen, max_segments)
+    n = segments.shape[0]
+    elem = torch.finfo(dtype).bits // 8
+    if max_gpu_mem is None and dev.type == "cuda":
+        max_gpu_mem = torch.cuda.mem_get_info(dev)[0]
+    chunk = plan_chunk(meta_block(hf_config), hf_config, n, seqlen, elem, max_gpu_mem)
+    if host_mem is None:
+        import psutil
+
+        host_mem = psutil.virtual_memory().available // 2
+    reset_peaks(dev)
+    store = HiddenStore((n, seqlen, hf_config.hidden_size), dtype, host_mem, Path(workdir) if workdir else None)
+    try:
+        for lo in range(0, n, chunk):
+            store.data[lo: lo + chunk] = family.embed(reader.get, hf_config, segments[lo: lo + chunk], dev, dtype).cpu()
+        reader.release()
+        n_layers = family.n_layers(hf_config)
+        kwargs = family.block_kwargs(hf_config, seqlen, dev, dtype)
+        if on_block:
+            on_block(0, n_layers)
+        for i in range(n_layers):
+            block = build_block(hf_config, i, block_state(reader, family.block_prefix(i), dev), dev, dtype)
+            reader.release()
+            for lo in range(0, n, chunk):
+                x = store.data[lo: lo + chunk].to(dev)
+                store.data[lo: lo + chunk] = run_module(block, x, kwargs).cpu()
+            del block
+            if on_block:
+                on_block(i + 1, n_layers)
+        nll = _token_nll(reader, family, hf_config, store.data, segments, chunk, dev, dtype)
+        on_disk = store.on_disk
+    finally:
+        store.close()
+        reader.release()
+    tokens = n * (seqlen - 1)
+    return PplResult(
+        ppl=math.exp(nll / tokens), mean_nll=nll / tokens, tokens=tokens, segments=n, seqlen=seqlen,
+        dropped_tokens=ids.numel() - n * seqlen, model_dir=str(model_dir), data=str(data),
+        data_tokens=ids.numel(), weights=f"awq-int{bits}" if bits else str(_stored_dtype(reader)),
+        device=str(dev), compute_dtype=str(dtype).replace("torch.", ""), chunk_segments=chunk,
+        hidden_storage="disk" if on_disk else "host", seconds=time.time() - start,
+        peak_rss_bytes=peak_rss(), peak_gpu_bytes=peak_device(dev),
+    )
+
+
+def _token_nll(reader: ShardReader, family: Family, hf_config: Any, hidden: torch.Tensor, segments: torch.Tensor,
+               chunk: int, dev: torch.device, dtype: torch.dtype) -> float:
+    """Sum over segments of the NLL of tokens 1..seqlen-1 given their prefixes (float64).
+    Logits are computed in the compute dtype and upcast to float32 for log-softmax, as
+    transformers does, HEAD_ROWS tokens at a time."""
+    final = family.final(lambda name: reader.get(name) if name in reader.files else None, hf_config, dev, dtype)
+    lm_head = _lm_head_weight(reader, family).to(dev, dtype)
+    reader.release()
+    total = torch.zeros((), dtype=torch.float64)
+    for lo in range(0, segments.shape[0], chunk):
+        h = final(hidden[lo: lo + chunk, :-1].to(dev)).reshape(-1, lm_head.shape[1])
+        target = segments[lo: lo + chunk, 1:].reshape(-1).to(dev)
+        for r in range(0, h.shape[0], HEAD_ROWS):
+            logits = F.linear(h[r: r + HEAD_ROWS], lm_head).float()
+            total += F.cross_entropy(logits, target[r: r + HEAD_ROWS], reduction="sum").double().cpu()
+    return float(total)
+
+
+_DTYPE_NAMES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}
+
+
+def _stored_dtype(reader: ShardReader) -> str:
+    """The floating-point storage of a plain checkpoint, e.g. "fp16" (or "bf16/fp32" if mixed)."""
+    dtypes = {info["dtype"] for header in reader.headers.values() for info in header.values()}
+    return "/".join(sorted(_DTYPE_NAMES[d] for d in dtypes if d in _DTYPE_NAMES))
