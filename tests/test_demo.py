@@ -1,0 +1,34 @@
+"""`streamq demo` end to end on a cache that already holds its assets (tests never fetch)."""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+
+from streamq import assets
+from streamq.demo import DemoSettings, demo
+
+
+def test_demo_quantizes_and_evaluates_from_a_prepared_cache(tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_models["llama"], cache / "smollm2-135m")  # stands in for the PyPI build
+    # any English-like text other than the calibration text will do: the reference, reversed
+    (cache / "eval-docutils-docs.txt").write_text(assets.calibration_text(cache).read_text()[::-1])
+    lines, bars = [], []
+
+    @contextmanager
+    def progress(desc):
+        bars.append((desc, []))
+        yield lambda done, total: bars[-1][1].append((done, total))
+
+    settings = DemoSettings(calib_samples=4, calib_seqlen=64, eval_seqlen=128, eval_segments=3)
+    result = demo(lines.append, progress, cache=cache, device="cpu", settings=settings)
+    assert [line[:5] for line in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert [desc for desc, _ in bars] == ["quantizing", "ppl fp16", "ppl INT4"]
+    assert all(calls[-1][0] == calls[-1][1] for _, calls in bars)  # every bar reached its end
+    assert result.int4.weights == "awq-int4" and result.fp16.weights == "fp16"
+    assert result.fp16.segments == result.int4.segments == 3
+    assert 0 < result.int4_bytes < result.fp16_bytes
+    row = result.table().splitlines()[-1]
+    assert row.startswith("| SmolLM2-135M-Instruct | ") and f"{result.int4.ppl:.2f}" in row
+    assert (result.out_dir / "streamq.json").is_file()
