@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import AutoConfig
 
 from . import faults
 from .block import check_shapes, input_source, quantize_block, to_store
@@ -27,7 +26,7 @@ from .families import Family, build_block, detect
 from .families.base import meta_block
 from .journal import Journal
 from .memory import peak_device, peak_rss, reset_peaks
-from .models import check_output_dir, compute_dtype, load_tokenizer, prepare_output_dir, resolve_device
+from .models import check_output_dir, compute_dtype, load_config, load_tokenizer, prepare_output_dir, resolve_device
 from .shards import ShardReader
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
 
@@ -71,7 +70,7 @@ def _prepare(model_dir: Path, out_dir: Path, qcfg: QuantConfig, calib: CalibConf
              max_gpu_mem: int | None, shard_bytes: int) -> Run:
     """Read and check everything that can be checked before any output is written."""
     reader = ShardReader(model_dir)
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = load_config(model_dir)
     family = detect(hf_config)
     dev = resolve_device(device)
     dtype = compute_dtype(dev)

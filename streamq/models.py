@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import OutputError, SettingsError
+from .errors import InputError, OutputError, SettingsError
 from .checkpoint import TOKENIZER_FILES
 from .journal import status as journal_status
 
@@ -27,6 +27,20 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     """fp16 matmuls are >10x slower than fp32 on CPUs, so the CPU computes in float32;
     GPUs compute in float16 as AWQ does. Storage is fp16 either way."""
     return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def load_config(model_dir: Path) -> Any:
+    """The Hugging Face config of a local checkpoint, or one clear line about what is wrong."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise InputError(f"{model_dir} has no config.json; --model must be a Hugging Face checkpoint directory")
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (ValueError, OSError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot read {path}: {first}") from None
 
 
 def load_tokenizer(model_dir: Path) -> Any | None:

@@ -19,7 +19,6 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig
 
 from .budget import format_bytes
 from .calib import read_ids, read_text
@@ -27,7 +26,7 @@ from .errors import CalibrationError, SettingsError, UnsupportedModelError
 from .families import Family, build_block, detect
 from .families.base import meta_block
 from .memory import peak_device, peak_rss, reset_peaks
-from .models import load_tokenizer, resolve_device
+from .models import load_config, load_tokenizer, resolve_device
 from .pack import dequantize_gemm
 from .search import run_module
 from .shards import ShardReader
@@ -193,7 +192,7 @@ def perplexity(
     if seqlen < 2:
         raise SettingsError(f"--seqlen must be at least 2, got {seqlen}")
     reader = ShardReader(model_dir)
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = load_config(model_dir)
     family = detect(hf_config)
     bits = awq_bits(hf_config)
     dev = resolve_device(device)

@@ -99,3 +99,15 @@ def test_nonempty_output_refused_and_kept(tiny_models, tmp_path):
 ])
 def test_bad_settings(tiny_models, tmp_path, args, match):
     assert_clean_error(invoke("run", "--model", tiny_models["opt"], "--output", tmp_path / "o", *args), match)
+
+
+@pytest.mark.parametrize("command", ["run", "ppl"])
+def test_missing_or_corrupt_config_is_one_line(tiny_models, tmp_path, command):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["opt"], model)
+    args = ["--output", tmp_path / "out"] if command == "run" else ["--data", tmp_path / "x.txt"]
+    (model / "config.json").unlink()
+    assert_clean_error(invoke(command, "--model", model, *args), "has no config.json")
+    (model / "config.json").write_text('{"model_ty')
+    assert_clean_error(invoke(command, "--model", model, *args), "is not a valid JSON file")
+    assert not (tmp_path / "out").exists()
