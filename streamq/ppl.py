@@ -151,21 +151,24 @@ def block_state(reader: ShardReader, prefix: str, device: torch.device) -> dict[
 
 def plan_chunk(block: nn.Module, hf_config: Any, n_segments: int, seqlen: int, elem: int,
                budget: int | None, default: int = 4) -> int:
-    """Segments per forward pass that fit `budget` on the device: one block's weights (and a
-    dequantization's int32 temporaries), then per segment its input and output, the widest
-    intermediates and (without flash attention) the heads x seqlen x seqlen scores."""
+    """Segments per forward pass that fit `budget` on the device. Fixed: one block's weights
+    (and a dequantization's int32 temporaries), or at the end lm_head's weight and the float32
+    logits of HEAD_ROWS tokens, whichever is larger. Per segment: its input and output, the
+    widest intermediates and (without flash attention) the heads x seqlen x seqlen scores."""
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
     hidden = hf_config.hidden_size
     widest = max(max(m.out_features for m in linears), 3 * hidden)
-    fixed = sum(p.numel() for p in block.parameters()) * elem + 3 * 4 * max(m.weight.numel() for m in linears)
+    block_fixed = sum(p.numel() for p in block.parameters()) * elem + 3 * 4 * max(m.weight.numel() for m in linears)
+    head_fixed = hf_config.vocab_size * (hidden * elem + 3 * 4 * HEAD_ROWS)
+    fixed = max(block_fixed, head_fixed)
     per_segment = seqlen * elem * (6 * hidden + 4 * widest) + hf_config.num_attention_heads * seqlen ** 2 * elem
     cap = min(n_segments, MAX_CHUNK_SEGMENTS if budget is not None else default)
     if budget is None:
         return cap
     if fixed + per_segment > budget:
-        raise SettingsError(f"--max-gpu-mem {format_bytes(budget)} is too small to evaluate: one block needs at "
-                            f"least {format_bytes(fixed + per_segment)} (its weights plus one segment of "
-                            f"{seqlen} tokens)")
+        raise SettingsError(f"--max-gpu-mem {format_bytes(budget)} is too small to evaluate: it needs at least "
+                            f"{format_bytes(fixed + per_segment)} (one block's weights, or lm_head and its logits, "
+                            f"plus one segment of {seqlen} tokens)")
     return max(c for c in range(1, cap + 1) if fixed + c * per_segment <= budget)
 
 
