@@ -14,20 +14,37 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
 
-def run(cmd: list[str]) -> tuple[int, float]:
-    """Run cmd; return its own peak RSS in bytes (from wait4) and wall seconds."""
+# The child's peak RSS is taken by a small launcher, not by this process: Linux starts an exec'd
+# child's ru_maxrss at the RSS of the process that forked it, so a parent that has imported torch
+# would report its own size for any child smaller than itself.
+LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run(cmd: list[str], log: Path | None = None) -> tuple[int, float]:
+    """Run cmd (its output to `log` when given); return its own peak RSS in bytes (wait4, via a
+    ~10 MB launcher) and wall seconds."""
     start = time.time()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(cmd)}")
-    return usage.ru_maxrss * 1024, time.time() - start
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as peak, open(log or os.devnull, "w") as out:
+        proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, peak.name, *cmd],
+                              stdout=out if log else None, stderr=subprocess.STDOUT if log else None)
+        if proc.returncode != 0:
+            sys.exit(f"failed{f' (see {log})' if log else ''}: {' '.join(cmd)}")
+        return int(peak.read()), time.time() - start
 
 
 def main() -> None:

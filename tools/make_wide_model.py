@@ -1,9 +1,11 @@
-"""Write a random OPT model with OPT-30B's block shape (hidden 7168, ffn 28672, 56 heads) and
-N layers, one block per shard, generating one block at a time so the writer never holds the
-model. A small vocabulary keeps the non-block tensors small: the blocks are what is measured.
+"""Write a random OPT model with OPT-30B's block shape (hidden 7168, ffn 28672, 56 heads), or a
+LLaMA model of a given shape, with N layers, one block per shard, generating one block at a time
+so the writer never holds the model. A small vocabulary keeps the non-block tensors small: the
+blocks are what is measured.
 
     python tools/make_wide_model.py --layers 8 --out models/opt30b-shape-8
     python tools/make_wide_model.py --from models/opt30b-shape-8 --layers 2 --out models/opt30b-shape-2
+    python tools/make_wide_model.py --family llama --hidden 4096 --ffn 11008 --heads 32 --layers 8 --out models/llama7b-shape-8
 """
 
 from __future__ import annotations
@@ -30,7 +32,35 @@ def opt_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int) -> di
     }
 
 
-def block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+def llama_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": hidden, "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": heads,
+        "num_hidden_layers": layers, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True,
+        "dtype": "float16", "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def salient_norm(hidden: int, g: torch.Generator) -> torch.Tensor:
+    w = torch.ones(hidden)
+    w[torch.randperm(hidden, generator=g)[:8]] = 20.0  # salient channels, as real models have
+    return w.half()
+
+
+def llama_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    p = f"model.layers.{i}."
+    t: dict[str, torch.Tensor] = {}
+    for name, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (hidden, hidden)),
+                        ("self_attn.v_proj", (hidden, hidden)), ("self_attn.o_proj", (hidden, hidden)),
+                        ("mlp.gate_proj", (ffn, hidden)), ("mlp.up_proj", (ffn, hidden)), ("mlp.down_proj", (hidden, ffn))]:
+        t[p + name + ".weight"] = (torch.randn(shape, generator=g) * 0.02).half()
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        t[p + norm + ".weight"] = salient_norm(hidden, g)
+    return t
+
+
+def opt_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     p = f"model.decoder.layers.{i}."
     t: dict[str, torch.Tensor] = {}
     for name, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (hidden, hidden)),
@@ -39,31 +69,35 @@ def block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator) -> dict[str
         t[p + name + ".weight"] = (torch.randn(shape, generator=g) * 0.02).half()
         t[p + name + ".bias"] = torch.zeros(shape[0], dtype=torch.float16)
     for norm in ("self_attn_layer_norm", "final_layer_norm"):
-        w = torch.ones(hidden)
-        w[torch.randperm(hidden, generator=g)[:8]] = 20.0  # salient channels, as real OPTs have
-        t[p + norm + ".weight"] = w.half()
+        t[p + norm + ".weight"] = salient_norm(hidden, g)
         t[p + norm + ".bias"] = torch.zeros(hidden, dtype=torch.float16)
     return t
 
 
-def write(out: Path, layers: int, hidden: int, ffn: int, heads: int, vocab: int, seed: int) -> None:
+def write(out: Path, family: str, layers: int, hidden: int, ffn: int, heads: int, vocab: int, seed: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     weight_map: dict[str, str] = {}
-    head = {"model.decoder.embed_tokens.weight": (torch.randn(vocab, hidden, generator=g) * 0.02).half(),
-            "model.decoder.embed_positions.weight": (torch.randn(2050, hidden, generator=g) * 0.02).half(),
-            "model.decoder.final_layer_norm.weight": torch.ones(hidden, dtype=torch.float16),
-            "model.decoder.final_layer_norm.bias": torch.zeros(hidden, dtype=torch.float16)}
+    if family == "llama":
+        head = {"model.embed_tokens.weight": (torch.randn(vocab, hidden, generator=g) * 0.02).half(),
+                "model.norm.weight": torch.ones(hidden, dtype=torch.float16)}
+        config, make_block = llama_config(layers, hidden, ffn, heads, vocab), llama_block_tensors
+    else:
+        head = {"model.decoder.embed_tokens.weight": (torch.randn(vocab, hidden, generator=g) * 0.02).half(),
+                "model.decoder.embed_positions.weight": (torch.randn(2050, hidden, generator=g) * 0.02).half(),
+                "model.decoder.final_layer_norm.weight": torch.ones(hidden, dtype=torch.float16),
+                "model.decoder.final_layer_norm.bias": torch.zeros(hidden, dtype=torch.float16)}
+        config, make_block = opt_config(layers, hidden, ffn, heads, vocab), opt_block_tensors
     shards = [("model-embed.safetensors", head)]
     save_file(head, str(out / shards[0][0]), metadata={"format": "pt"})
     weight_map.update({k: shards[0][0] for k in head})
     for i in range(layers):
         name = f"model-block{i:03d}.safetensors"
-        tensors = block_tensors(i, hidden, ffn, g)
+        tensors = make_block(i, hidden, ffn, g)
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
         print(f"wrote block {i}", flush=True)
-    finish(out, opt_config(layers, hidden, ffn, heads, vocab), weight_map)
+    finish(out, config, weight_map)
 
 
 def finish(out: Path, config: dict, weight_map: dict[str, str]) -> None:
@@ -75,8 +109,14 @@ def subset(src: Path, out: Path, layers: int) -> None:
     """The first `layers` blocks of an existing wide model, as hard links (no copy)."""
     config = json.loads((src / "config.json").read_text())
     weight_map = json.loads((src / INDEX).read_text())["weight_map"]
-    keep = {k: f for k, f in weight_map.items()
-            if not k.startswith("model.decoder.layers.") or int(k.split(".")[3]) < layers}
+    def block_index(name: str) -> int | None:
+        parts = name.split(".")
+        for prefix in (["model", "decoder", "layers"], ["model", "layers"]):
+            if parts[: len(prefix)] == prefix:
+                return int(parts[len(prefix)])
+        return None
+
+    keep = {k: f for k, f in weight_map.items() if block_index(k) is None or block_index(k) < layers}
     out.mkdir(parents=True, exist_ok=True)
     for f in set(keep.values()):
         if not (out / f).exists():
@@ -88,6 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--family", choices=["opt", "llama"], default="opt")
     parser.add_argument("--from", dest="src", type=Path, help="take the first --layers blocks of this model")
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--ffn", type=int, default=28672)
@@ -98,7 +139,7 @@ def main() -> None:
     if args.src:
         subset(args.src, args.out, args.layers)
     else:
-        write(args.out, args.layers, args.hidden, args.ffn, args.heads, args.vocab, args.seed)
+        write(args.out, args.family, args.layers, args.hidden, args.ffn, args.heads, args.vocab, args.seed)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,139 @@
+"""The peer side of tools/bench_peer.py, run with the peer's own interpreter (tools/install_peer.sh):
+quantize with llm-compressor's AWQ, or decompress its output to a plain fp16 checkpoint.
+
+    PEER/bin/python tools/peer_awq.py quantize --model M --calib ids.npy --out OUT --group-size 64
+    PEER/bin/python tools/peer_awq.py decompress --src OUT --dst OUT-fp16
+
+`quantize` feeds the given [n_samples, seqlen] token blocks as they are (no shuffling, no
+truncation), with the recipe AWQModifier + QuantizationModifier (INT4, asymmetric, group
+quantization) that llm-compressor documents, and saves compressed-tensors. Only this process
+is measured by the benchmark; it imports nothing from streamq.
+
+One patch, printed when applied: llm-compressor 0.14 pins the cached block inputs with
+`Tensor.pin_memory()` unconditionally before each AWQ grid search, which raises without an
+accelerator. Pinning only speeds host-to-device copies, so on a CPU-only machine it is
+replaced by a no-op; nothing else in the peer is changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def patch_pinning() -> None:
+    if torch.accelerator.is_available():
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+    print("peer patch: IntermediatesCache.pin_memory is a no-op (no accelerator)", flush=True)
+
+
+def processor(model_dir: str, vocab_size: int):
+    """The model's tokenizer, or for a random model without one a word-level tokenizer over its
+    vocabulary: oneshot insists on a processor even when given token ids, but never uses it then."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        from tokenizers import Tokenizer
+        from tokenizers.models import WordLevel
+
+        vocab = {f"t{i}": i for i in range(vocab_size)}
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")), unk_token="t0")
+
+
+def quantize(args: argparse.Namespace) -> None:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from transformers import AutoModelForCausalLM
+
+    patch_pinning()
+    blocks = np.load(args.calib)
+    data = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": np.ones_like(blocks).tolist()})
+    start = time.time()
+    dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    weights = QuantizationArgs(num_bits=args.bits, type="int", strategy="group", group_size=args.group_size,
+                               symmetric=False, dynamic=False)
+    recipe = [
+        AWQModifier(duo_scaling=args.duo_scaling, n_grid=20),
+        QuantizationModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                             ignore=["lm_head"]),
+    ]
+    oneshot(model=model, processor=processor(args.model, model.config.vocab_size), dataset=data, recipe=recipe, num_calibration_samples=len(blocks),
+            max_seq_length=blocks.shape[1], shuffle_calibration_samples=False, pipeline="sequential",
+            output_dir=None)
+    model.save_pretrained(args.out, save_compressed=True)
+    seconds = time.time() - start
+    (Path(args.out) / "peer_run.json").write_text(json.dumps({"seconds": seconds, **_peak_gpu()}, indent=2))
+    print(f"peer: quantized in {seconds:.1f} s", flush=True)
+
+
+def _peak_gpu() -> dict:
+    if not torch.cuda.is_available():
+        return {"peak_gpu_bytes": None}
+    return {"peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+
+
+QUANT_PARAMS = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "weight_packed")
+
+
+def decompress(args: argparse.Namespace) -> None:
+    """Load the compressed-tensors checkpoint with transformers' compressed-tensors support,
+    decompressed (run_compressed=False), and save it as a plain fp16 checkpoint."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(args.src, dtype=torch.float16,
+                                                 quantization_config=CompressedTensorsConfig(run_compressed=False))
+    state = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()
+             if not k.endswith(QUANT_PARAMS)}
+    dst = Path(args.dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((Path(args.src) / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = "float16"
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    print(f"peer: decompressed {args.src} -> {dst}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("quantize")
+    q.add_argument("--model", required=True)
+    q.add_argument("--calib", required=True, help=".npy of [n_samples, seqlen] token ids")
+    q.add_argument("--out", required=True)
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, float16, bfloat16")
+    q.add_argument("--duo-scaling", default="true", choices=["true", "false", "both"])
+    d = sub.add_parser("decompress")
+    d.add_argument("--src", required=True)
+    d.add_argument("--dst", required=True)
+    args = parser.parse_args()
+    if args.cmd == "quantize":
+        args.duo_scaling = {"true": True, "false": False, "both": "both"}[args.duo_scaling]
+        quantize(args)
+    else:
+        decompress(args)
+
+
+if __name__ == "__main__":
+    main()
