@@ -83,7 +83,7 @@ def markdown(args: argparse.Namespace, entries: dict[str, dict]) -> str:
         "| method | " + " | ".join(f"INT{b} ppl" for b in args.bits) + " | " +
         " | ".join(f"INT{b} quantize s" for b in args.bits) + " |",
         "|---|" + "---|" * (2 * len(args.bits)),
-        f"| FP16 | " + " | ".join(ppl("fp16") for _ in args.bits) + " | " + " | ".join("—" for _ in args.bits) + " |",
+        "| FP16 | " + " | ".join(ppl("fp16") for _ in args.bits) + " | " + " | ".join("—" for _ in args.bits) + " |",
     ]
     for mode in args.modes:
         keys = [f"{mode}-int{b}" for b in args.bits]
