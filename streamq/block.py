@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .families import Family
+from .kernels import TORCH, Ops
 from .pack import pack_linear
 from .quant import STORAGE_DTYPE, check_group_size, quant_params, quantize
 from .search import (
@@ -27,7 +28,6 @@ from .search import (
     run_module,
     salient_channels,
     sample_tokens,
-    search_clip,
     search_scale,
 )
 
@@ -106,8 +106,10 @@ def search_block(
     feats: dict[str, list[torch.Tensor]],
     kwargs: dict,
     qcfg: QuantConfig,
+    ops: Ops = TORCH,
 ) -> BlockRecords:
-    """Search this block's scales and clips per qcfg.mode and apply them to `block` in place."""
+    """Search this block's scales and clips per qcfg.mode and apply them to `block` in place;
+    `ops` says whether the PyTorch path or the CUDA kernels run the hot loops."""
     records = BlockRecords()
     source = input_source(block, family, config)
     device = next(block.parameters()).device
@@ -123,7 +125,8 @@ def search_block(
                 linears = [block.get_submodule(n) for n in group.linears]
                 inspect = block.get_submodule(group.inspect)
                 scales, losses = search_scale(inspect, linears, x, x_mean,
-                                              kwargs if group.inspect_takes_block_kwargs else {}, qcfg)
+                                              kwargs if group.inspect_takes_block_kwargs else {}, qcfg,
+                                              ops.scaled_pseudo_quantize)
             else:
                 scales, losses = fixed_scale(x_mean, qcfg.salient_frac), []
             records.scales.append(ScaleRecord(group.prev_op, group.linears, scales, losses))
@@ -138,7 +141,7 @@ def search_block(
             x_tok = sample_tokens(feats[source[name]], qcfg.clip_tokens).to(device)
             if name in scale_of:  # the linear now sees x / s
                 x_tok = x_tok / scale_of[name].to(device=device, dtype=x_tok.dtype)
-            record = ClipRecord(name, search_clip(linear.weight.data, x_tok, qcfg))
+            record = ClipRecord(name, ops.search_clip(linear.weight.data, x_tok, qcfg))
             apply_clip(block, record)
             records.clips.append(record)
     return records
@@ -153,12 +156,13 @@ def quantize_block(
     kwargs: dict,
     qcfg: QuantConfig,
     store: torch.device | None = None,
+    ops: Ops = TORCH,
 ) -> tuple[BlockRecords, dict[str, torch.Tensor], list[torch.Tensor]]:
     """The whole AWQ step for one block: (records, output tensors, next block's inputs).
     The next block's inputs are this block's unquantized outputs (as llm-awq does)."""
     captured = set(input_source(block, family, config).values())
     feats, x_next = capture(block, x_chunks, kwargs, captured, store)
-    records = search_block(block, family, config, feats, kwargs, qcfg)
+    records = search_block(block, family, config, feats, kwargs, qcfg, ops)
     del feats
     return records, output_tensors(block, records, qcfg), x_next
 

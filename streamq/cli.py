@@ -61,6 +61,9 @@ def run(
                                               "device's free memory (on CPU: no limit, activations in host memory)."),
     shard_size: str = typer.Option("4GB", "--shard-size", help="Largest output shard, e.g. 4GB or 500MiB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+    kernels: str = typer.Option("auto", "--kernels", help="auto: the CUDA kernels of cuda/ when on a CUDA device "
+                                "and they build and pass their self-check, else PyTorch; torch: always PyTorch "
+                                "(the reference); cuda: the kernels or an error."),
 ) -> None:
     """Quantize a model with AWQ (or an ablation) and write an AWQ GEMM checkpoint."""
     try:
@@ -73,7 +76,7 @@ def run(
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,
                                       max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
                                       shard_bytes=parse_size(shard_size), overwrite=overwrite,
-                                      on_block=on_block)
+                                      on_block=on_block, kernels=kernels)
     except StreamqError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -87,6 +90,9 @@ def resume(
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda[:N]."),
     max_gpu_mem: Optional[str] = typer.Option(None, "--max-gpu-mem", help="Memory ceiling for one block's "
                                               "work on the device (may differ from the interrupted run's)."),
+    kernels: str = typer.Option("auto", "--kernels", help="auto: the CUDA kernels of cuda/ when on a CUDA device "
+                                "and they build and pass their self-check, else PyTorch; torch: always PyTorch "
+                                "(the reference); cuda: the kernels or an error."),
 ) -> None:
     """Continue an interrupted run from its last finished block. Every setting that decides
     the result comes from the run's journal; the output is byte-identical to an
@@ -97,7 +103,7 @@ def resume(
         with progress() as on_block:
             summary = engine.resume(output, device=device,
                                     max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
-                                    on_block=on_block)
+                                    on_block=on_block, kernels=kernels)
     except StreamqError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -128,6 +134,9 @@ def ppl(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Directory for the hidden-state file when "
                                            "--host-mem is exceeded. Default: the system temp directory."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result and its settings here."),
+    kernels: str = typer.Option("auto", "--kernels", help="auto: the CUDA kernels of cuda/ when on a CUDA device "
+                                "and they build and pass their self-check, else PyTorch; torch: always PyTorch "
+                                "(the reference); cuda: the kernels or an error."),
 ) -> None:
     """Perplexity of a checkpoint, streamed one block at a time (the AWQ paper's evaluation:
     exp of the mean token NLL over non-overlapping segments)."""
@@ -143,7 +152,7 @@ def ppl(
             result = ppl_mod.perplexity(model, data, seqlen=seqlen, max_segments=max_segments, device=device,
                                         max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
                                         host_mem=parse_size(host_mem) if host_mem is not None else None,
-                                        workdir=workdir, on_block=on_block)
+                                        workdir=workdir, on_block=on_block, kernels=kernels)
         if json_out is not None:
             from .writer import write_json_atomic
 

@@ -25,6 +25,8 @@ from .errors import InterruptedRun, ResumeError
 from .families import Family, build_block, detect
 from .families.base import meta_block
 from .journal import Journal
+from .kernels import Ops
+from .kernels import select as select_kernels
 from .memory import peak_device, peak_rss, reset_peaks
 from .models import check_output_dir, compute_dtype, load_config, load_tokenizer, prepare_output_dir, resolve_device
 from .shards import ShardReader
@@ -60,6 +62,8 @@ class Run:
     plan: Plan
     max_gpu_mem: int | None
     shard_bytes: int
+    ops: Ops
+    kernels_note: str
 
     @property
     def store(self) -> torch.device:
@@ -67,7 +71,7 @@ class Run:
 
 
 def _prepare(model_dir: Path, out_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str,
-             max_gpu_mem: int | None, shard_bytes: int) -> Run:
+             max_gpu_mem: int | None, shard_bytes: int, kernels: str) -> Run:
     """Read and check everything that can be checked before any output is written."""
     reader = ShardReader(model_dir)
     hf_config = load_config(model_dir)
@@ -82,8 +86,9 @@ def _prepare(model_dir: Path, out_dir: Path, qcfg: QuantConfig, calib: CalibConf
         max_gpu_mem = torch.cuda.mem_get_info(dev)[0]
     shape = BlockShape.of(shape_block, captured, elem, qcfg.group_size, qcfg.clip_tokens)
     plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, max_gpu_mem)
+    ops, note = select_kernels(kernels, dev)
     return Run(model_dir, out_dir, reader, hf_config, family, qcfg, calib, dev, dtype, plan,
-               max_gpu_mem, shard_bytes)
+               max_gpu_mem, shard_bytes, ops, note)
 
 
 def _calibration_ids(run: Run) -> torch.Tensor:
@@ -109,17 +114,19 @@ def quantize(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
     on_block: OnBlock | None = None,
+    kernels: str = "auto",
 ) -> Summary:
-    """Quantize model_dir into out_dir, streaming one block at a time."""
+    """Quantize model_dir into out_dir, streaming one block at a time; `kernels` (auto, torch,
+    cuda) picks what runs the search's hot loops."""
     start = time.time()
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes)
+    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes, kernels)
     ids = _calibration_ids(run)
     prepare_output_dir(out_dir, overwrite)
     settings = {"model_dir": str(model_dir), "quant": qcfg.to_json(), "calib": calib.to_json(),
                 "shard_bytes": shard_bytes, "fingerprint": run.reader.fingerprint(),
-                "tokens_sha256": tokens_digest(ids), "compute_dtype": str(run.dtype)}
+                "tokens_sha256": tokens_digest(ids), "compute_dtype": str(run.dtype), "kernels": run.ops.name}
     journal = Journal.start(out_dir, settings, run.family.n_layers(run.hf_config))
     x_chunks = _first_block_inputs(run, ids)
     return _blocks(run, journal, ShardWriter(out_dir, shard_bytes, keep_spools=True), x_chunks, 0, start, on_block)
@@ -127,7 +134,7 @@ def quantize(
 
 @torch.no_grad()
 def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = None,
-           on_block: OnBlock | None = None) -> Summary:
+           on_block: OnBlock | None = None, kernels: str = "auto") -> Summary:
     """Continue an interrupted run from its journal; settings come from the journal."""
     start = time.time()
     out_dir = Path(out_dir)
@@ -141,13 +148,16 @@ def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = 
     if not model_dir.is_dir():
         raise ResumeError(f"the source model {model_dir} recorded in the journal is gone")
     qcfg, calib = QuantConfig.from_json(settings["quant"]), CalibConfig(**settings["calib"])
-    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, settings["shard_bytes"])
+    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, settings["shard_bytes"], kernels)
     if run.reader.fingerprint() != settings["fingerprint"]:
         raise ResumeError(f"the source model {model_dir} changed since the run started "
                           "(shard headers or sizes differ); start over with --overwrite")
     if str(run.dtype) != settings["compute_dtype"]:
         print(f"streamq: warning: the run started computing in {settings['compute_dtype']} and continues in "
               f"{run.dtype}; the output will not be byte-identical to an uninterrupted run", file=sys.stderr)
+    if run.ops.name != settings.get("kernels", "torch"):
+        print(f"streamq: warning: the run started with kernels {settings.get('kernels', 'torch')} and continues "
+              f"with {run.ops.name}; clip choices may differ at near-ties", file=sys.stderr)
     journal.verify_and_clean()
     done = state["done_blocks"]
     if done == 0:
@@ -194,6 +204,7 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
     n_layers = family.n_layers(hf_config)
     kwargs = family.block_kwargs(hf_config, run.calib.seqlen, dev, run.dtype)
     summary = Summary(run.plan, run.qcfg, blocks=list(journal.state["blocks"]))
+    print(f"streamq: {run.kernels_note}", file=sys.stderr)
     if on_block:
         on_block(first, n_layers)
     with _stoppable() as stop:
@@ -205,7 +216,7 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
             run.reader.release()
             faults.point(f"block{i}:search")
             records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, run.qcfg,
-                                                        run.store)
+                                                        run.store, run.ops)
             for name, t in tensors.items():
                 writer.add(prefix + name, t)
             # records are not kept: at OPT-30B shape they are ~13 MB a block, growing with depth
@@ -224,7 +235,7 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
     writer.finish()
     settings = journal.state["settings"]
     write_metadata(run.out_dir, run.model_dir, family, hf_config, run.qcfg, run.calib, settings["tokens_sha256"],
-                   settings["fingerprint"], extra={"engine": "stream", "device": str(dev),
+                   settings["fingerprint"], extra={"engine": "stream", "device": str(dev), "kernels": run.ops.name,
                                                    "max_gpu_mem": run.max_gpu_mem, "plan": run.plan.to_json(),
                                                    "blocks": summary.blocks})
     journal.complete()

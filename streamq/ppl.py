@@ -25,6 +25,8 @@ from .calib import read_ids, read_text
 from .errors import CalibrationError, SettingsError, UnsupportedModelError
 from .families import Family, build_block, detect
 from .families.base import meta_block
+from .kernels import TORCH
+from .kernels import select as select_kernels
 from .memory import peak_device, peak_rss, reset_peaks
 from .models import load_config, load_tokenizer, resolve_device
 from .pack import dequantize_gemm
@@ -55,6 +57,7 @@ class PplResult:
     seconds: float
     peak_rss_bytes: int
     peak_gpu_bytes: int | None
+    kernels: str = "torch"  # what dequantized the packed weights: torch or cuda
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -134,16 +137,17 @@ def eval_dtype(device: torch.device, hf_config: Any, bits: int | None) -> torch.
     return torch.bfloat16 if bits is None and "bfloat16" in declared else torch.float16
 
 
-def block_state(reader: ShardReader, prefix: str, device: torch.device) -> dict[str, torch.Tensor]:
+def block_state(reader: ShardReader, prefix: str, device: torch.device,
+                dequantize: Callable[..., torch.Tensor] = dequantize_gemm) -> dict[str, torch.Tensor]:
     """One block's tensors by name relative to the block; packed linears (qweight, qzeros,
-    scales) become fp16 `weight`s, dequantized on `device`."""
+    scales) become fp16 `weight`s, dequantized on `device` (by the PyTorch path or a kernel)."""
     raw = reader.with_prefix(prefix)
     state = {}
     for name, t in raw.items():
         if name.endswith(".qweight"):
             base = name[: -len(".qweight")]
-            state[base + ".weight"] = dequantize_gemm(t.to(device), raw[base + ".qzeros"].to(device),
-                                                      raw[base + ".scales"].to(device))
+            state[base + ".weight"] = dequantize(t.to(device), raw[base + ".qzeros"].to(device),
+                                                 raw[base + ".scales"].to(device))
         elif not name.endswith((".qzeros", ".scales")):
             state[name] = t
     return state
@@ -188,6 +192,7 @@ def perplexity(
     host_mem: int | None = None,
     workdir: str | Path | None = None,
     on_block: OnBlock | None = None,
+    kernels: str = "auto",
 ) -> PplResult:
     """Perplexity of the checkpoint in model_dir (plain or AWQ GEMM) on the text in `data`."""
     start = time.time()
@@ -216,6 +221,8 @@ def perplexity(
         import psutil
 
         host_mem = psutil.virtual_memory().available // 2
+    # kernels matter only for a quantized checkpoint: dequantization is their one use here
+    ops = select_kernels(kernels, dev)[0] if bits else TORCH
     reset_peaks(dev)
     store = HiddenStore((n, seqlen, hf_config.hidden_size), dtype, host_mem, Path(workdir) if workdir else None)
     try:
@@ -227,7 +234,8 @@ def perplexity(
         if on_block:
             on_block(0, n_layers)
         for i in range(n_layers):
-            block = build_block(hf_config, i, block_state(reader, family.block_prefix(i), dev), dev, dtype)
+            block = build_block(hf_config, i, block_state(reader, family.block_prefix(i), dev, ops.dequantize_gemm),
+                                dev, dtype)
             reader.release()
             for lo in range(0, n, chunk):
                 x = store.data[lo: lo + chunk].to(dev)
@@ -247,7 +255,7 @@ def perplexity(
         data_tokens=ids.numel(), weights=f"awq-int{bits}" if bits else str(_stored_dtype(reader)),
         device=str(dev), compute_dtype=str(dtype).replace("torch.", ""), chunk_segments=chunk,
         hidden_storage="disk" if on_disk else "host", seconds=time.time() - start,
-        peak_rss_bytes=peak_rss(), peak_gpu_bytes=peak_device(dev),
+        peak_rss_bytes=peak_rss(), peak_gpu_bytes=peak_device(dev), kernels=ops.name,
     )
 
 

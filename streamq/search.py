@@ -9,7 +9,7 @@ float64, so the chunk sizes change scheduling, never the result.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -65,6 +65,11 @@ def _per_sample_sse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (d * d).reshape(d.shape[0], -1).sum(dim=1, dtype=torch.float64).cpu()
 
 
+def scaled_pseudo_quantize(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
+    """Q(w * s) / s: the weights a scale-search candidate s computes with."""
+    return pseudo_quantize(w * s, qcfg.w_bit, qcfg.group_size, qcfg.zero_point).div_(s)
+
+
 @torch.no_grad()
 def search_scale(
     inspect: nn.Module,
@@ -73,6 +78,7 @@ def search_scale(
     x_mean: torch.Tensor,
     kwargs: dict,
     qcfg: QuantConfig,
+    scaled_quantize: Callable[[torch.Tensor, torch.Tensor, QuantConfig], torch.Tensor] = scaled_pseudo_quantize,
 ) -> tuple[torch.Tensor, list[float]]:
     """Grid-search alpha for s = mean|x|^alpha (normalised by sqrt(max s * min s)), each
     candidate judged by the MSE of `inspect`'s output with weights Q(W*s)/s against the
@@ -92,7 +98,7 @@ def search_scale(
         s = s / (s.max() * s.min()).sqrt()
         s_dev = s.to(device=device, dtype=originals[0].dtype)
         for lin, w in zip(linears, originals):
-            lin.weight.data = pseudo_quantize(w * s_dev, qcfg.w_bit, qcfg.group_size, qcfg.zero_point).div_(s_dev)
+            lin.weight.data = scaled_quantize(w, s_dev, qcfg)
         sse = torch.cat([_per_sample_sse(run_module(inspect, x.to(device), kwargs), ref.to(device))
                          for x, ref in zip(x_chunks, refs)])
         loss = float(sse.sum() / n_elem)
