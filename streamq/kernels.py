@@ -124,8 +124,7 @@ def select(mode: str, device: torch.device) -> tuple[Ops, str]:
     start = time.time()
     try:
         ops = cuda_ops(build(verbose=os.environ.get("STREAMQ_KERNELS_VERBOSE") == "1"))
-        with torch.device(device):
-            problem = self_check(ops, device)
+        problem = self_check(ops, device)
     except Exception as exc:  # a missing compiler, a failed build or launch: fall back, say why
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if mode == "cuda":

@@ -84,8 +84,6 @@ def main() -> None:
                     agree = f"{(r_ref == r_cu).float().mean():.2%} equal"
                 rows.append((shape, name, f"{out_f}x{in_f}", kernel, t_ref, t_cu, m_ref, m_cu, agree))
                 print(f"{shape} {name} {kernel}: torch {t_ref * 1e3:.1f} ms, cuda {t_cu * 1e3:.1f} ms", flush=True)
-            del w, s, x, packed
-            torch.cuda.empty_cache()
     print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
           f"fp16 weights, INT{args.w_bit}, group {args.group_size}, {args.clip_tokens} clip tokens, "
           f"median of {args.repeats}")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_stream import run
+from make_wide_model import by_depth
 
 from streamq import assets
 from streamq.calib import cut_blocks, load_tokens, tokens_digest
@@ -229,19 +230,11 @@ def settings(args: argparse.Namespace, bench: Bench, extra: str) -> str:
 
 
 def wide_models(args: argparse.Namespace) -> str:
-    deepest = max(args.wide)
-    base = args.work / f"wide-{deepest}"
-    shape = ["--hidden", str(args.hidden), "--ffn", str(args.ffn), "--heads", str(args.heads)]
-    if not (base / "config.json").is_file():
-        subprocess.run([sys.executable, str(HERE / "make_wide_model.py"), "--family", "llama", "--out", str(base),
-                        "--layers", str(deepest), *shape], check=True, capture_output=True)
+    models = by_depth(args.work, args.wide, family="llama", hidden=args.hidden, ffn=args.ffn, heads=args.heads)
     blocks = torch.from_numpy(np.random.default_rng(0).integers(4, 512, (args.n_samples, args.calib_seqlen)))
     rows, bench = [], None
     for i, n in enumerate(sorted(args.wide)):
-        model = base if n == deepest else args.work / f"wide-{n}"
-        if n != deepest and not (model / "config.json").is_file():
-            subprocess.run([sys.executable, str(HERE / "make_wide_model.py"), "--from", str(base), "--layers", str(n),
-                            "--out", str(model)], check=True, capture_output=True)
+        model = models[n]
         bench = Bench(args, model, args.work / f"runs-{n}", blocks, args.group_size or 128)
         for row in bench.runs(f"wide{n}", parity=i):
             row.update(layers=n, model_gb=dir_bytes(model) / 1e9)

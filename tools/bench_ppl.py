@@ -12,13 +12,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 from bench_stream import run
+from make_wide_model import by_depth
 
-HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
@@ -32,11 +30,7 @@ def main() -> None:
     parser.add_argument("--host-mem", default=None, help="passed on: beyond it hidden states go to disk")
     args = parser.parse_args()
 
-    deepest = max(args.layers)
-    base = args.work / f"wide-{deepest}"
-    if not (base / "config.json").is_file():
-        subprocess.run([sys.executable, str(HERE / "make_wide_model.py"), "--out", str(base), "--layers",
-                        str(deepest)], check=True)
+    models = by_depth(args.work, args.layers)
     ids = args.work / "eval.npy"
     if not ids.is_file():
         import numpy as np
@@ -44,10 +38,7 @@ def main() -> None:
         np.save(ids, np.random.default_rng(1).integers(4, 512, 200_000))
     rows = []
     for n in args.layers:
-        model = base if n == deepest else args.work / f"wide-{n}"
-        if not (model / "config.json").is_file():
-            subprocess.run([sys.executable, str(HERE / "make_wide_model.py"), "--from", str(base), "--layers", str(n),
-                            "--out", str(model)], check=True)
+        model = models[n]
         out = args.work / f"ppl-{n}.json"
         cmd = ["streamq", "ppl", "--model", str(model), "--data", str(ids), "--seqlen", str(args.seqlen),
                "--max-segments", str(args.segments), "--device", args.device, "--json", str(out)]

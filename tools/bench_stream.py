@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from make_wide_model import by_depth
+
 
 
 # The child's peak RSS is taken by a small launcher, not by this process: Linux starts an exec'd
@@ -61,11 +62,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=56)
     args = parser.parse_args()
 
-    deepest = max(args.layers)
-    base = args.work / f"wide-{deepest}"
-    if not (base / "config.json").is_file():
-        subprocess.run([sys.executable, str(HERE / "make_wide_model.py"), "--out", str(base), "--layers", str(deepest),
-                        "--hidden", str(args.hidden), "--ffn", str(args.ffn), "--heads", str(args.heads)], check=True)
+    models = by_depth(args.work, args.layers, hidden=args.hidden, ffn=args.ffn, heads=args.heads)
     ids = args.work / "calib.npy"
     if not ids.is_file():
         import numpy as np
@@ -73,10 +70,7 @@ def main() -> None:
         np.save(ids, np.random.default_rng(0).integers(4, 512, 100_000))
     rows = []
     for n in args.layers:
-        model = base if n == deepest else args.work / f"wide-{n}"
-        if n != deepest:
-            subprocess.run([sys.executable, str(HERE / "make_wide_model.py"), "--from", str(base), "--layers", str(n),
-                            "--out", str(model)], check=True)
+        model = models[n]
         out = args.work / f"out-{args.mode}-{n}"
         cmd = ["streamq", "run", "--model", str(model), "--output", str(out), "--overwrite", "--calib", str(ids),
                "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen), "--device", args.device,

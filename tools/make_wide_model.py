@@ -124,6 +124,22 @@ def subset(src: Path, out: Path, layers: int) -> None:
     finish(out, {**config, "num_hidden_layers": layers}, keep)
 
 
+def by_depth(work: Path, depths: list[int], family: str = "opt", hidden: int = 7168, ffn: int = 28672,
+             heads: int = 56, vocab: int = 512, seed: int = 0) -> dict[int, Path]:
+    """One model per depth under `work` (wide-N): the deepest written once, the others hard-linked
+    prefixes of it; models already there are reused."""
+    deepest = max(depths)
+    base = work / f"wide-{deepest}"
+    if not (base / "config.json").is_file():
+        write(base, family, deepest, hidden, ffn, heads, vocab, seed)
+    models = {}
+    for n in depths:
+        models[n] = base if n == deepest else work / f"wide-{n}"
+        if not (models[n] / "config.json").is_file():
+            subset(base, models[n], n)
+    return models
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
