@@ -132,7 +132,7 @@ def search_block(
             records.scales.append(ScaleRecord(group.prev_op, group.linears, scales, losses))
         for record in records.scales:  # all searches saw the unscaled block, as in the paper
             apply_scale(block, record)
-    if qcfg.mode == "awq":
+    if qcfg.mode == "awq" and qcfg.clip:
         scale_of = {n: r.scales for r in records.scales for n in r.linears}
         for name in linear_names(block):
             if name in family.no_clip:

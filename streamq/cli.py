@@ -55,6 +55,8 @@ def run(
                                    "zero point) instead of AWQ's asymmetric min/max."),
     duo_scaling: bool = typer.Option(False, "--duo-scaling", help="Search s = mean|x|^a / mean|w|^(1-a), "
                                      "as later AWQ tools default to; off to match the paper."),
+    clip: bool = typer.Option(True, "--clip/--no-clip", help="awq mode: search per-group clipping ranges "
+                              "after scaling (the paper); --no-clip is the scale-only ablation."),
     max_gpu_mem: Optional[str] = typer.Option(None, "--max-gpu-mem", help="Memory ceiling for one block's "
                                               "work on the device, e.g. 38GB or 512MiB; chunk sizes are planned to "
                                               "fit, and a budget too small for one block is refused. Default: the "
@@ -70,7 +72,7 @@ def run(
         from . import engine
 
         qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
-                           mode=mode.value, duo_scaling=duo_scaling)
+                           mode=mode.value, duo_scaling=duo_scaling, clip=clip)
         ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen)
         with progress() as on_block:
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,

@@ -31,6 +31,7 @@ class QuantConfig:
     zero_point: bool = True  # asymmetric min/max with an integer zero point, as AWQ
     mode: str = "awq"  # awq | rtn | s2 | keep1 (the rows of the paper's ablation table)
     duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a); off to match the paper
+    clip: bool = True  # awq mode: search clipping ranges after scaling (off: the scale-only ablation)
     n_grid: int = 20  # alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}
     max_shrink: float = 0.5  # clip candidates: max * (1 - i/n_grid) for i < max_shrink*n_grid
     clip_tokens: int = 512  # tokens sampled at a fixed stride for the clip search

@@ -35,7 +35,7 @@ def test_help_explains_every_option():
     result = invoke("run", "--help")
     assert result.exit_code == 0
     for option in ("--model", "--output", "--w-bit", "--group-size", "--mode", "--calib", "--n-samples",
-                   "--seqlen", "--device", "--symmetric", "--duo-scaling", "--shard-size", "--overwrite"):
+                   "--seqlen", "--device", "--symmetric", "--duo-scaling", "--no-clip", "--shard-size", "--overwrite"):
         assert option in result.stdout
 
 

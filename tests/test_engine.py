@@ -24,13 +24,13 @@ def checkpoint_bytes(out):
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != "streamq.json"}
 
 
-@pytest.mark.parametrize("mode", ["awq", "s2", "keep1"])
+@pytest.mark.parametrize("mode", ["awq", "awq-noclip", "s2", "keep1"])
 def test_streamed_equals_reference(family_model, tmp_path, mode):
     name, path = family_model
     if mode != "awq" and name != "llama":
         pytest.skip("the ablation modes share every engine path with awq; one family suffices")
     calib = calib_for(name, tmp_path)
-    qcfg = QuantConfig(mode=mode)
+    qcfg = QuantConfig(mode="awq", clip=False) if mode == "awq-noclip" else QuantConfig(mode=mode)
     reference.quantize(path, tmp_path / "ref", qcfg, calib, chunk_samples=4, shard_bytes=400_000)
     expected = checkpoint_bytes(tmp_path / "ref")
     plans = []

@@ -163,6 +163,16 @@ def test_ablation_modes_write_gemm_checkpoints(tiny_models, tmp_path, mode):
     dequantize_checkpoint(tmp_path / mode, tmp_path / "deq")
 
 
+def test_no_clip_keeps_the_scales_and_skips_the_clip_search(tiny_models, tmp_path):
+    full = reference.quantize(tiny_models["opt"], tmp_path / "clip", calib=CALIB)
+    scale_only = reference.quantize(tiny_models["opt"], tmp_path / "noclip", QuantConfig(clip=False), CALIB)
+    assert json.loads((tmp_path / "noclip" / "streamq.json").read_text())["quant"]["clip"] is False
+    assert all(r.clips for r in full.records) and all(not r.clips for r in scale_only.records)
+    for a, b in zip(full.records, scale_only.records):  # the scale search runs before clipping
+        assert [torch.equal(x.scales, y.scales) for x, y in zip(a.scales, b.scales)] == [True] * len(a.scales)
+    assert output_bytes(tmp_path / "clip") != output_bytes(tmp_path / "noclip")
+
+
 def test_keep1_writes_loadable_fp16(tiny_models, tmp_path):
     out = tmp_path / "keep1"
     result = reference.quantize(tiny_models["opt"], out, QuantConfig(mode="keep1"), CALIB)
