@@ -71,13 +71,34 @@ def quantize(args: argparse.Namespace) -> None:
         QuantizationModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                              ignore=["lm_head"]),
     ]
+    counts = count_quantized_forwards(model) if args.probe else None
     oneshot(model=model, processor=processor(args.model, model.config.vocab_size), dataset=data, recipe=recipe, num_calibration_samples=len(blocks),
             max_seq_length=blocks.shape[1], shuffle_calibration_samples=False, pipeline="sequential",
             output_dir=None)
+    if counts is not None:
+        print(f"peer probe: linear forwards during calibration with fake quantization enabled: "
+              f"{counts[True]}, disabled: {counts[False]}", flush=True)
     model.save_pretrained(args.out, save_compressed=True)
     seconds = time.time() - start
     (Path(args.out) / "peer_run.json").write_text(json.dumps({"seconds": seconds, **_peak_gpu()}, indent=2))
     print(f"peer: quantized in {seconds:.1f} s", flush=True)
+
+
+def count_quantized_forwards(model) -> dict:
+    """Count the linear forwards that run with compressed-tensors' fake quantization enabled
+    (`quantization_enabled` and a scheme attached) and those that run without: with
+    propagate_error on, the outputs the next layer calibrates on are those of the last
+    forward of each layer, so this says whether they saw quantized weights."""
+    counts = {True: 0, False: 0}
+
+    def hook(module, args):
+        on = getattr(module, "quantization_enabled", True) and getattr(module, "quantization_scheme", None) is not None
+        counts[bool(on)] += 1
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_pre_hook(hook)
+    return counts
 
 
 def _peak_gpu() -> dict:
@@ -124,6 +145,8 @@ def main() -> None:
     q.add_argument("--group-size", type=int, default=128)
     q.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, float16, bfloat16")
     q.add_argument("--duo-scaling", default="true", choices=["true", "false", "both"])
+    q.add_argument("--probe", action="store_true", help="count linear forwards run with fake quantization "
+                   "enabled/disabled during calibration (adds hooks; not for timing)")
     d = sub.add_parser("decompress")
     d.add_argument("--src", required=True)
     d.add_argument("--dst", required=True)
