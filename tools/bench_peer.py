@@ -214,13 +214,14 @@ def ratios(rows: list[dict]) -> list[str]:
 
 
 def settings(args: argparse.Namespace, bench: Bench, extra: str) -> str:
-    duo = "on" if args.duo_scaling else "off (the paper)"
+    streamq = ("--duo-scaling (scale search with duo scaling on, clip search)" if args.duo_scaling
+               else "defaults (scale search with duo scaling off (the paper), clip search)")
     patch = ("llm-compressor patched: `IntermediatesCache.pin_memory` made a no-op, as it raises without an "
              "accelerator (tools/peer_awq.py); nothing else changed." if bench.patched else "llm-compressor unpatched.")
     return "\n".join([
         f"Settings: calibration {bench.n} x {bench.seqlen} tokens (the same blocks for both, sha256 "
         f"{bench.digest[:12]}), device {args.device}, {args.repeats} run(s) per tool alternating; streamq "
-        f"defaults (scale search with duo scaling {duo}, clip search); llm-compressor AWQModifier defaults "
+        f"{streamq}; llm-compressor AWQModifier defaults "
         f"(duo scaling, n_grid 20, no clip search, min/max observer) + QuantizationModifier, model loaded as "
         f"{args.peer_dtype}. {extra}{patch}",
         "", f"Machine: {machine()}; {datetime.date.today().isoformat()}. Peer: {peer_version(args.peer_python)}; "
