@@ -186,7 +186,8 @@ def real_model(args: argparse.Namespace) -> str:
         row["ppl"] = ppl(out)
         first.setdefault(row["tool"], row)
         print(f"{row['tool']} run {row['run']}: ppl {row['ppl']:.3f}", flush=True)
-    lines = [f"### {args.name or model.name}: INT4, zero point, group size {g}",
+    lines = [f"### {args.name or model.name}: INT4, zero point, group size {g}"
+             + (", streamq with --duo-scaling" if args.duo_scaling else ""),
              "", f"fp16 perplexity {base:.3f}; model {dir_bytes(model) / 1e9:.3f} GB (fp16).", "",
              "| run | tool | time s | peak RSS GiB | peak GPU GiB | output GB | ppl | ppl vs fp16 |",
              "|---|---|---|---|---|---|---|---|"]
