@@ -13,6 +13,10 @@ One patch, printed when applied: llm-compressor 0.14 pins the cached block input
 `Tensor.pin_memory()` unconditionally before each AWQ grid search, which raises without an
 accelerator. Pinning only speeds host-to-device copies, so on a CPU-only machine it is
 replaced by a no-op; nothing else in the peer is changed.
+
+For attribution only (never in the benchmark's table), `--grid streamq` replaces the peer's
+scale-search grid by streamq's (alpha = i/20 for i < 20, one kind of candidate throughout) so that
+a difference in perplexity can be traced to the grid or away from it; also printed when applied.
 """
 
 from __future__ import annotations
@@ -33,6 +37,16 @@ def patch_pinning() -> None:
 
     IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
     print("peer patch: IntermediatesCache.pin_memory is a no-op (no accelerator)", flush=True)
+
+
+def patch_grid(n_grid: int) -> None:
+    """The peer's grid is alpha = i/(n-1), i < n, without duo scaling, and with it the identity
+    (alpha 0, no weight term) plus alpha = i/(n-2), i < n-1. streamq's, as llm-awq's code, is
+    alpha = i/n, i < n, for either kind."""
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    AWQModifier._get_grid_search_params = lambda self: [(i / n_grid, bool(self.duo_scaling)) for i in range(n_grid)]
+    print(f"peer patch: AWQ grid is streamq's, alpha = i/{n_grid} for i < {n_grid} (attribution run)", flush=True)
 
 
 def processor(model_dir: str, vocab_size: int):
@@ -59,6 +73,8 @@ def quantize(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     patch_pinning()
+    if args.grid == "streamq":
+        patch_grid(20)
     blocks = np.load(args.calib)
     data = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": np.ones_like(blocks).tolist()})
     start = time.time()
@@ -145,6 +161,8 @@ def main() -> None:
     q.add_argument("--group-size", type=int, default=128)
     q.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, float16, bfloat16")
     q.add_argument("--duo-scaling", default="true", choices=["true", "false", "both"])
+    q.add_argument("--grid", default="peer", choices=["peer", "streamq"],
+                   help="streamq: search the scale over streamq's alpha grid (attribution only)")
     q.add_argument("--probe", action="store_true", help="count linear forwards run with fake quantization "
                    "enabled/disabled during calibration (adds hooks; not for timing)")
     d = sub.add_parser("decompress")
@@ -153,6 +171,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.cmd == "quantize":
         args.duo_scaling = {"true": True, "false": False, "both": "both"}[args.duo_scaling]
+        if args.grid == "streamq" and args.duo_scaling == "both":
+            parser.error("--grid streamq has one kind of candidate: --duo-scaling true or false")
         quantize(args)
     else:
         decompress(args)
