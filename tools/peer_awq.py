@@ -30,6 +30,9 @@ import numpy as np
 import torch
 
 
+N_GRID = 20  # grid points of the scale search: the peer's recipe sets it, streamq's default is the same
+
+
 def patch_pinning() -> None:
     if torch.accelerator.is_available():
         return
@@ -74,7 +77,7 @@ def quantize(args: argparse.Namespace) -> None:
 
     patch_pinning()
     if args.grid == "streamq":
-        patch_grid(20)
+        patch_grid(N_GRID)
     blocks = np.load(args.calib)
     data = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": np.ones_like(blocks).tolist()})
     start = time.time()
@@ -83,7 +86,7 @@ def quantize(args: argparse.Namespace) -> None:
     weights = QuantizationArgs(num_bits=args.bits, type="int", strategy="group", group_size=args.group_size,
                                symmetric=False, dynamic=False)
     recipe = [
-        AWQModifier(duo_scaling=args.duo_scaling, n_grid=20),
+        AWQModifier(duo_scaling=args.duo_scaling, n_grid=N_GRID),
         QuantizationModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                              ignore=["lm_head"]),
     ]
