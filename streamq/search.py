@@ -2,8 +2,10 @@
 (module, input activations) that return plain records; apply_* replays the records.
 
 Activations arrive as a sequence of chunks of whole calibration samples [b, T, C]. Every
-statistic and loss is reduced per sample first and summed over samples in order, in
-float64, so the chunk sizes change scheduling, never the result.
+statistic and loss is reduced one sample at a time (in float32, whatever the compute dtype)
+and summed over samples in order in float64, and forward passes run on micro-batches of a
+fixed number of samples (`micro`; None: the whole chunk, which CPUs allow), so the chunk
+sizes change scheduling, never the result.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .placement import Assembler, upload
 from .quant import dequantize, pseudo_quantize, quant_params, quantize
 
 Chunks = Sequence[torch.Tensor]
@@ -43,13 +46,24 @@ def run_module(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor
     return out[0] if isinstance(out, tuple) else out
 
 
+def micro_batches(x: torch.Tensor, micro: int | None) -> list[torch.Tensor]:
+    """x split into forward passes of `micro` samples (the last may be smaller); None: whole.
+    On a GPU, cuBLAS may pick another kernel (split-K) for another batch size, so the bytes
+    of a result depend on the batch: a fixed micro-batch keeps them independent of the chunk."""
+    return [x] if micro is None or x.shape[0] <= micro else list(x.split(micro))
+
+
 def act_scale(chunks: Chunks, device: torch.device | None = None) -> torch.Tensor:
-    """mean |x| per input channel over every calibration token (float32, host). Reduced on
-    `device` (default: where each chunk is), so the result does not depend on where
-    activations are stored."""
-    per_sample = torch.cat([c.to(device or c.device).abs().sum(dim=1, dtype=torch.float64).cpu() for c in chunks])
+    """mean |x| per input channel over every calibration token (float32, host). Each sample is
+    reduced on its own in float32 on `device` (default: where each chunk is): the same
+    reduction whatever the chunking, and no float64 copy of a chunk (a float64 sum of a half
+    tensor materialises one); the per-sample sums are added in float64, in sample order."""
+    per_sample = []
+    for c in chunks:
+        c = upload(c, device or c.device)
+        per_sample.append(torch.stack([x.abs().sum(dim=0, dtype=torch.float32) for x in c]).cpu())
     n_tokens = sum(c.shape[0] * c.shape[1] for c in chunks)
-    return (per_sample.sum(dim=0) / n_tokens).to(torch.float32)
+    return (torch.cat(per_sample).double().sum(dim=0) / n_tokens).to(torch.float32)
 
 
 def weight_scale(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -61,8 +75,10 @@ def weight_scale(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
 
 
 def _per_sample_sse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    d = out - ref
-    return (d * d).reshape(d.shape[0], -1).sum(dim=1, dtype=torch.float64).cpu()
+    """Sum of squared errors per sample (float32, where the tensors are). Squared in float32:
+    in fp16 a difference under 3e-4 squares to 0 and one over 256 to inf, which silently
+    changes which scale wins; each sample is one reduction of the same shape whatever the batch."""
+    return torch.stack([(o.float() - r.float()).square_().sum() for o, r in zip(out, ref)])
 
 
 def scaled_pseudo_quantize(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
@@ -79,6 +95,7 @@ def search_scale(
     kwargs: dict,
     qcfg: QuantConfig,
     scaled_quantize: Callable[[torch.Tensor, torch.Tensor, QuantConfig], torch.Tensor] = scaled_pseudo_quantize,
+    micro: int | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Grid-search alpha for s = mean|x|^alpha (normalised by sqrt(max s * min s)), each
     candidate judged by the MSE of `inspect`'s output with weights Q(W*s)/s against the
@@ -86,7 +103,12 @@ def search_scale(
     device = linears[0].weight.device
     originals = [lin.weight.data.clone() for lin in linears]
     # references stay where their chunk lives (the device, or host memory when streaming)
-    refs = [run_module(inspect, x.to(device), kwargs).to(x.device) for x in x_chunks]
+    refs = []
+    for x in x_chunks:
+        ref = Assembler(x.device, x.shape[0])
+        for xm in micro_batches(upload(x, device), micro):
+            ref.add(run_module(inspect, xm, kwargs))
+        refs.append(ref.result())
     n_elem = sum(r.numel() for r in refs)
     w_mean = weight_scale(originals, qcfg.group_size) if qcfg.duo_scaling else None
     losses: list[float] = []
@@ -99,9 +121,13 @@ def search_scale(
         s_dev = s.to(device=device, dtype=originals[0].dtype)
         for lin, w in zip(linears, originals):
             lin.weight.data = scaled_quantize(w, s_dev, qcfg)
-        sse = torch.cat([_per_sample_sse(run_module(inspect, x.to(device), kwargs), ref.to(device))
-                         for x, ref in zip(x_chunks, refs)])
-        loss = float(sse.sum() / n_elem)
+        sse = []
+        for x, ref in zip(x_chunks, refs):
+            x, ref = upload(x, device), upload(ref, device)
+            for xm, rm in zip(micro_batches(x, micro), micro_batches(ref, micro)):
+                sse.append(_per_sample_sse(run_module(inspect, xm, kwargs), rm))
+        # one copy to the host per candidate (not per micro-batch: each would stall the device)
+        loss = float(torch.cat(sse).cpu().double().sum() / n_elem)
         losses.append(loss)
         if loss < best_loss:
             best_loss, best_s = loss, s
@@ -153,27 +179,30 @@ def search_clip(weight: torch.Tensor, x_tok: torch.Tensor, qcfg: QuantConfig) ->
     """Per (output channel, group) max_val from {max|w| * (1 - i/n_grid)} minimising the MSE
     of the group's contribution to the layer output on the sampled tokens.
 
-    The official code forms the 4-D product (channels x tokens x groups x group_size); here
-    each group's contribution is a batched matmul [groups, tokens, group] x [groups, group,
-    batch], so the working set is bounded by clip_batch_size, not by the layer."""
+    The official code forms the 4-D product (channels x tokens x groups x group_size) and
+    subtracts two outputs; here each group's output error is one batched matmul of the inputs
+    with the weight error e = Q(clamp(w)) - w, [groups, tokens, group] x [groups, group, batch],
+    in float32 whatever the compute dtype (e is exact there, and fp16 squares would underflow
+    or overflow): no cancellation, and a working set bounded by clip_batch_size."""
     out_features, in_features = weight.shape
     gs = qcfg.group_size
     n_group = in_features // gs
-    x = x_tok.to(device=weight.device, dtype=weight.dtype).reshape(-1, n_group, gs).transpose(0, 1)  # [G, t, gs]
+    # the inputs as the layer sees them (rounded to its dtype), then float32
+    x = x_tok.to(device=weight.device, dtype=weight.dtype).float().reshape(-1, n_group, gs).transpose(0, 1)
     batch = clip_batch_size(out_features, n_group, x.shape[1])
     best = []
     for start in range(0, out_features, batch):
         w = weight[start:start + batch]
         wg = w.reshape(w.shape[0], n_group, gs)
-        ref = torch.bmm(x, wg.permute(1, 2, 0))  # [G, t, b]
+        wf = wg.float()
         org_max = wg.abs().amax(dim=-1)  # [b, G]
         best_max = org_max.clone()
-        min_err = torch.full_like(org_max, float("inf"))
+        min_err = torch.full(org_max.shape, float("inf"), device=w.device)
         for i in range(int(qcfg.max_shrink * qcfg.n_grid)):
             max_val = org_max * (1 - i / qcfg.n_grid)
             clipped = torch.clamp(wg, -max_val[..., None], max_val[..., None]).reshape(w.shape)
-            q = pseudo_quantize(clipped, qcfg.w_bit, gs, qcfg.zero_point).reshape(wg.shape)
-            err = (torch.bmm(x, q.permute(1, 2, 0)) - ref).pow(2).mean(dim=1).t()  # [b, G]
+            e = pseudo_quantize(clipped, qcfg.w_bit, gs, qcfg.zero_point).reshape(wg.shape).float() - wf
+            err = torch.bmm(x, e.permute(1, 2, 0)).pow_(2).mean(dim=1).t()  # [b, G]
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best_max = torch.where(better, max_val, best_max)
