@@ -1,90 +1,138 @@
 """Plans how one block's calibration work fits a memory budget: how many whole samples per
-chunk, and whether the block's activations stay on the device or stream from host memory.
+chunk, how many per forward pass, and whether the block's activations stay on the device or
+stream from pinned host memory.
 
-The figures are estimates from the block's shapes; the engine records the measured peaks
-(torch.cuda.max_memory_allocated, peak RSS) next to them in streamq.json."""
+The figures are estimates from the block's shapes, counting every tensor the block's
+quantization holds at once (tools/gpu_check.py and tests/test_budget.py measure them); the
+engine records the measured peaks (torch.cuda.max_memory_allocated, peak RSS) beside them in
+streamq.json."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Iterable
 
+import torch
 from torch import nn
 
 from .errors import SettingsError
 from .search import CLIP_MAX_ELEMS
 
 MAX_CHUNK_SAMPLES = 64  # beyond this, larger chunks buy no speed and only cost memory
+SLACK_BYTES = 256 * 2**20  # cuBLAS workspaces, the allocator's rounding, small tensors
+FLOAT32 = 4
 
 
 @dataclass(frozen=True)
 class Plan:
-    chunk_samples: int
+    chunk_samples: int  # samples per chunk: the unit activations are stored and moved in
     activations_on_device: bool
     estimated_peak_bytes: int
     minimum_bytes: int  # the smallest budget any plan fits in
+    forward_samples: int | None = None  # samples per forward pass; None: a whole chunk
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
+def forward_samples(device: torch.device) -> int | None:
+    """Samples per forward pass. On a GPU one sample, whatever the chunk: cuBLAS chooses its
+    kernels (split-K among them) by the product's shape, so a batch size that followed the
+    budget would let the budget change the output's last bits. On a CPU the whole chunk: its
+    products give bit-identical rows for any whole number of samples (tested), and larger
+    products run faster there."""
+    return 1 if device.type == "cuda" else None
+
+
 @dataclass(frozen=True)
 class BlockShape:
-    weight_bytes: int  # all parameters, in the compute dtype
+    """Element counts of one block's tensors and activation widths (no dtype)."""
+
+    weight_elems: int  # all parameters
     largest_linear: int  # elements of the largest weight matrix
+    largest_group: int  # elements of the largest scale group's weights (cloned during its search)
     hidden: int
     widest: int  # the widest activation inside the block (ffn width, or 3 x hidden for qkv)
     captured_width: int  # sum of the widths of the captured linear inputs
-    clip_bytes: int  # the clip search's working set for the largest linear
+    ref_width: int  # the widest search reference: the output of a group's inspected module
+    clip_bytes: int  # the clip search's working set for its largest linear (4-byte compute: a bound)
 
     @classmethod
-    def of(cls, block: nn.Module, captured: set[str], elem_bytes: int, group_size: int,
+    def of(cls, block: nn.Module, captured: Iterable[str], groups: Iterable, group_size: int,
            clip_tokens: int) -> "BlockShape":
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         hidden = min(m.in_features for m in linears.values())
+        groups = list(groups)
+
+        def out_width(name: str) -> int:
+            module = block.get_submodule(name)
+            return module.out_features if isinstance(module, nn.Linear) else hidden
+
+        def clip_bytes(m: nn.Linear) -> int:
+            # the sampled tokens (as captured, divided by the scales, in float32); per batch of
+            # output channels its weights in six forms (float32 copy, clipped, quantized in
+            # float32 and back, the error) and the [groups, tokens, batch] float32 product
+            n_group = m.in_features // group_size
+            batch = max(1, min(m.out_features, CLIP_MAX_ELEMS // max(1, n_group * clip_tokens)))
+            return (clip_tokens * m.in_features * 12 + batch * m.in_features * 24
+                    + n_group * clip_tokens * batch * FLOAT32)
+
         return cls(
-            weight_bytes=sum(p.numel() for p in block.parameters()) * elem_bytes,
+            weight_elems=sum(p.numel() for p in block.parameters()),
             largest_linear=max(m.weight.numel() for m in linears.values()),
+            largest_group=max([sum(linears[n].weight.numel() for n in g.linears) for g in groups] or [0]),
             hidden=hidden,
             widest=max(max(m.out_features for m in linears.values()), 3 * hidden),
             captured_width=sum(linears[n].in_features for n in captured),
-            # ~4 tensors of [groups, tokens, batch] = numel * tokens / group_size elements, capped
-            clip_bytes=4 * elem_bytes * min(CLIP_MAX_ELEMS, max(
-                m.weight.numel() * clip_tokens // group_size for m in linears.values())),
+            ref_width=max([out_width(g.inspect) for g in groups] or [hidden]),
+            clip_bytes=max(clip_bytes(m) for m in linears.values()),
         )
 
 
 def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
-               budget: int | None, default_chunk: int = 16) -> Plan:
+               budget: int | None, default_chunk: int = 16, micro: int | None = None) -> Plan:
     """The largest chunk (in whole samples) that fits the budget, activations on the device
-    if they fit there with at least one sample per chunk, else streamed from the host."""
-    # block weights + a copy of the searched linears + float32 quantizer temporaries + clip search
-    fixed = 2 * shape.weight_bytes + 3 * shape.largest_linear * 4 + shape.clip_bytes
-    # per sample kept for the whole block: input, output, captured linear inputs, search references
-    resident = seqlen * elem_bytes * (3 * shape.hidden + shape.captured_width)
-    # per sample in flight during one forward: intermediates and the error of a chunk
-    working = seqlen * elem_bytes * (4 * shape.widest + 4 * shape.hidden)
+    if they fit there with at least one sample per chunk, else streamed from the host;
+    `micro` samples per forward pass (None: the whole chunk)."""
+    e = elem_bytes
+    # the block's weights and, during a group's search, the group's originals; then the largest
+    # of: a candidate being made (w * s, the quantizer's float32 codes, the result), the clip
+    # search, the packing of the largest linear (float32 codes, uint8 codes and their transpose,
+    # int64 words and their temporaries)
+    L = shape.largest_linear
+    fixed = (shape.weight_elems * e + shape.largest_group * e + SLACK_BYTES
+             + max(2 * L * e + L * FLOAT32, shape.clip_bytes, 7 * L))
+    # per sample kept for the whole block: input, output, captured linear inputs, and the
+    # references of the group being searched
+    resident = seqlen * e * (2 * shape.hidden + shape.captured_width + shape.ref_width)
+    # per sample in one forward pass: the block's intermediates; and one sample's error in float32
+    per_forward = seqlen * e * (4 * shape.widest + 6 * shape.hidden)
+    loss = 3 * seqlen * shape.ref_width * FLOAT32
+
+    def working(c: int) -> int:
+        return (micro or c) * per_forward + loss
 
     def on_device(c: int) -> int:
-        return fixed + n_samples * resident + c * working
+        return fixed + n_samples * resident + working(c)
 
     def streamed(c: int) -> int:
-        return fixed + c * (working + 2 * resident)
+        return fixed + 2 * c * resident + working(c)
 
     minimum = streamed(1)
     if budget is None:
         c = min(n_samples, default_chunk)
-        return Plan(c, False, streamed(c), minimum)
+        return Plan(c, False, streamed(c), minimum, micro)
     cap = min(n_samples, MAX_CHUNK_SAMPLES)
     if on_device(1) <= budget:
         c = max(k for k in range(1, cap + 1) if on_device(k) <= budget)
-        return Plan(c, True, on_device(c), minimum)
+        return Plan(c, True, on_device(c), minimum, micro)
     if minimum <= budget:
         c = max(k for k in range(1, cap + 1) if streamed(k) <= budget)
-        return Plan(c, False, streamed(c), minimum)
+        return Plan(c, False, streamed(c), minimum, micro)
     raise SettingsError(
         f"--max-gpu-mem {format_bytes(budget)} is too small: one block needs at least "
-        f"{format_bytes(minimum)} (its weights {format_bytes(shape.weight_bytes)} twice, plus one "
-        f"calibration sample of {seqlen} tokens in flight)"
+        f"{format_bytes(minimum)} (its weights of {format_bytes(shape.weight_elems * e)}, the search's "
+        f"copies of its largest linears, and one calibration sample of {seqlen} tokens in flight)"
     )
 
 

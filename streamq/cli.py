@@ -66,6 +66,9 @@ def run(
     kernels: str = typer.Option("auto", "--kernels", help="auto: the CUDA kernels of cuda/ when on a CUDA device "
                                 "and they build and pass their self-check, else PyTorch; torch: always PyTorch "
                                 "(the reference); cuda: the kernels or an error."),
+    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="auto: float32 on CPU; on a GPU bfloat16 for "
+                                      "a bf16 checkpoint, else float16. float16, bfloat16 or float32: that arithmetic "
+                                      "on any device (float16 on a CPU is the GPU's math, slowly). Storage is fp16."),
 ) -> None:
     """Quantize a model with AWQ (or an ablation) and write an AWQ GEMM checkpoint."""
     try:
@@ -78,7 +81,7 @@ def run(
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,
                                       max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
                                       shard_bytes=parse_size(shard_size), overwrite=overwrite,
-                                      on_block=on_block, kernels=kernels)
+                                      on_block=on_block, kernels=kernels, compute=compute_dtype)
     except StreamqError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -95,6 +98,9 @@ def resume(
     kernels: str = typer.Option("auto", "--kernels", help="auto: the CUDA kernels of cuda/ when on a CUDA device "
                                 "and they build and pass their self-check, else PyTorch; torch: always PyTorch "
                                 "(the reference); cuda: the kernels or an error."),
+    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", help="Override the compute dtype the run "
+                                                "started with (auto, float16, bfloat16, float32); the output is then "
+                                                "not byte-identical to an uninterrupted run."),
 ) -> None:
     """Continue an interrupted run from its last finished block. Every setting that decides
     the result comes from the run's journal; the output is byte-identical to an
@@ -105,7 +111,7 @@ def resume(
         with progress() as on_block:
             summary = engine.resume(output, device=device,
                                     max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
-                                    on_block=on_block, kernels=kernels)
+                                    on_block=on_block, kernels=kernels, compute=compute_dtype)
     except StreamqError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -139,6 +145,9 @@ def ppl(
     kernels: str = typer.Option("auto", "--kernels", help="auto: the CUDA kernels of cuda/ when on a CUDA device "
                                 "and they build and pass their self-check, else PyTorch; torch: always PyTorch "
                                 "(the reference); cuda: the kernels or an error."),
+    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="auto: float32 on CPU; on a GPU the "
+                                      "checkpoint's half precision (bf16 stays bf16, AWQ computes in float16). "
+                                      "float16, bfloat16 or float32: that arithmetic on any device."),
 ) -> None:
     """Perplexity of a checkpoint, streamed one block at a time (the AWQ paper's evaluation:
     exp of the mean token NLL over non-overlapping segments)."""
@@ -154,7 +163,8 @@ def ppl(
             result = ppl_mod.perplexity(model, data, seqlen=seqlen, max_segments=max_segments, device=device,
                                         max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
                                         host_mem=parse_size(host_mem) if host_mem is not None else None,
-                                        workdir=workdir, on_block=on_block, kernels=kernels)
+                                        workdir=workdir, on_block=on_block, kernels=kernels,
+                                        compute=compute_dtype)
         if json_out is not None:
             from .writer import write_json_atomic
 

@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 
 from . import faults
-from .block import check_shapes, input_source, quantize_block, to_store
-from .budget import BlockShape, Plan, plan_block
+from .block import check_shapes, check_storable, input_source, quantize_block
+from .budget import BlockShape, Plan, forward_samples, plan_block
 from .calib import cut_blocks, load_tokens, tokens_digest
 from .checkpoint import write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
@@ -27,8 +27,10 @@ from .families.base import meta_block
 from .journal import Journal
 from .kernels import Ops
 from .kernels import select as select_kernels
-from .memory import peak_device, peak_rss, reset_peaks
-from .models import check_output_dir, compute_dtype, load_config, load_tokenizer, prepare_output_dir, resolve_device
+from .memory import peak_device, peak_reserved, peak_rss, reset_peaks
+from .models import (check_output_dir, compute_dtype, dtype_name, load_config, load_tokenizer, prepare_output_dir,
+                     resolve_device)
+from .placement import to_store
 from .shards import ShardReader
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
 
@@ -70,24 +72,39 @@ class Run:
         return self.device if self.plan.activations_on_device else torch.device("cpu")
 
 
-def _prepare(model_dir: Path, out_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str,
-             max_gpu_mem: int | None, shard_bytes: int, kernels: str) -> Run:
-    """Read and check everything that can be checked before any output is written."""
+def _setup(model_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str, max_gpu_mem: int | None,
+           dtype_request: str) -> tuple[ShardReader, Any, Family, torch.device, torch.dtype, Plan, int | None]:
+    """Read and check everything that decides the plan; nothing is written."""
     reader = ShardReader(model_dir)
     hf_config = load_config(model_dir)
     family = detect(hf_config)
     dev = resolve_device(device)
-    dtype = compute_dtype(dev)
+    dtype = compute_dtype(dev, dtype_request, reader.float_dtype())
     shape_block = meta_block(hf_config)  # every block has the same shapes
     check_shapes(shape_block, family.block_prefix(0), qcfg.group_size)
     captured = set(input_source(shape_block, family, hf_config).values())
     elem = torch.finfo(dtype).bits // 8
     if max_gpu_mem is None and dev.type == "cuda":
         max_gpu_mem = torch.cuda.mem_get_info(dev)[0]
-    shape = BlockShape.of(shape_block, captured, elem, qcfg.group_size, qcfg.clip_tokens)
-    plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, max_gpu_mem)
-    ops, note = select_kernels(kernels, dev)
-    return Run(model_dir, out_dir, reader, hf_config, family, qcfg, calib, dev, dtype, plan,
+    shape = BlockShape.of(shape_block, captured, family.scale_groups(hf_config), qcfg.group_size, qcfg.clip_tokens)
+    plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, max_gpu_mem, micro=forward_samples(dev))
+    return reader, hf_config, family, dev, dtype, plan, max_gpu_mem
+
+
+def plan(model_dir: str | Path, qcfg: QuantConfig = QuantConfig(), calib: CalibConfig = CalibConfig(),
+         device: str = "auto", max_gpu_mem: int | None = None, compute: str = "auto") -> Plan:
+    """The plan a run with these settings would follow (chunking, where activations live, the
+    estimated peak and the smallest budget that fits), without reading any weight."""
+    return _setup(Path(model_dir), qcfg, calib, device, max_gpu_mem, compute)[5]
+
+
+def _prepare(model_dir: Path, out_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str,
+             max_gpu_mem: int | None, shard_bytes: int, kernels: str, dtype_request: str) -> Run:
+    """Read and check everything that can be checked before any output is written."""
+    reader, hf_config, family, dev, dtype, the_plan, max_gpu_mem = _setup(model_dir, qcfg, calib, device,
+                                                                          max_gpu_mem, dtype_request)
+    ops, note = select_kernels(kernels, dev, dtype)
+    return Run(model_dir, out_dir, reader, hf_config, family, qcfg, calib, dev, dtype, the_plan,
                max_gpu_mem, shard_bytes, ops, note)
 
 
@@ -115,18 +132,21 @@ def quantize(
     overwrite: bool = False,
     on_block: OnBlock | None = None,
     kernels: str = "auto",
+    compute: str = "auto",
 ) -> Summary:
     """Quantize model_dir into out_dir, streaming one block at a time; `kernels` (auto, torch,
-    cuda) picks what runs the search's hot loops."""
+    cuda) picks what runs the search's hot loops, `compute` the compute dtype (auto, float16,
+    bfloat16, float32)."""
     start = time.time()
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes, kernels)
+    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes, kernels, compute)
     ids = _calibration_ids(run)
     prepare_output_dir(out_dir, overwrite)
     settings = {"model_dir": str(model_dir), "quant": qcfg.to_json(), "calib": calib.to_json(),
                 "shard_bytes": shard_bytes, "fingerprint": run.reader.fingerprint(),
-                "tokens_sha256": tokens_digest(ids), "compute_dtype": str(run.dtype), "kernels": run.ops.name}
+                "tokens_sha256": tokens_digest(ids), "compute_dtype": str(run.dtype), "compute_dtype_requested": compute,
+                "forward_samples": run.plan.forward_samples, "kernels": run.ops.name}
     journal = Journal.start(out_dir, settings, run.family.n_layers(run.hf_config))
     x_chunks = _first_block_inputs(run, ids)
     return _blocks(run, journal, ShardWriter(out_dir, shard_bytes, keep_spools=True), x_chunks, 0, start, on_block)
@@ -134,8 +154,10 @@ def quantize(
 
 @torch.no_grad()
 def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = None,
-           on_block: OnBlock | None = None, kernels: str = "auto") -> Summary:
-    """Continue an interrupted run from its journal; settings come from the journal."""
+           on_block: OnBlock | None = None, kernels: str = "auto", compute: str | None = None) -> Summary:
+    """Continue an interrupted run from its journal; settings come from the journal, the
+    compute dtype too (as it was asked for: `auto` resolves again on this device) unless
+    `compute` overrides it."""
     start = time.time()
     out_dir = Path(out_dir)
     journal = Journal.open(out_dir)
@@ -148,13 +170,19 @@ def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = 
     if not model_dir.is_dir():
         raise ResumeError(f"the source model {model_dir} recorded in the journal is gone")
     qcfg, calib = QuantConfig.from_json(settings["quant"]), CalibConfig(**settings["calib"])
-    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, settings["shard_bytes"], kernels)
+    compute = compute or settings.get("compute_dtype_requested", "auto")
+    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, settings["shard_bytes"], kernels, compute)
     if run.reader.fingerprint() != settings["fingerprint"]:
         raise ResumeError(f"the source model {model_dir} changed since the run started "
                           "(shard headers or sizes differ); start over with --overwrite")
     if str(run.dtype) != settings["compute_dtype"]:
         print(f"streamq: warning: the run started computing in {settings['compute_dtype']} and continues in "
               f"{run.dtype}; the output will not be byte-identical to an uninterrupted run", file=sys.stderr)
+    if run.plan.forward_samples != settings.get("forward_samples"):
+        was, now = (f"{n} sample(s)" if n else "whole chunks" for n in (settings.get("forward_samples"),
+                                                                       run.plan.forward_samples))
+        print(f"streamq: warning: the run started with forward passes of {was} and continues with {now}; the "
+              "output may differ in the last bits from an uninterrupted run", file=sys.stderr)
     if run.ops.name != settings.get("kernels", "torch"):
         print(f"streamq: warning: the run started with kernels {settings.get('kernels', 'torch')} and continues "
               f"with {run.ops.name}; clip choices may differ at near-ties", file=sys.stderr)
@@ -164,7 +192,8 @@ def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = 
         x_chunks = _first_block_inputs(run, _calibration_ids(run))
     else:
         hidden = journal.load_hidden().to(run.dtype)
-        x_chunks = [to_store(c.to(run.device), run.store) for c in hidden.split(run.plan.chunk_samples)]
+        pin = run.device.type == "cuda" and run.store.type == "cpu"
+        x_chunks = [c.pin_memory() if pin else to_store(c, run.store) for c in hidden.split(run.plan.chunk_samples)]
         del hidden
     writer = journal.load_writer(settings["shard_bytes"])
     summary = _blocks(run, journal, writer, x_chunks, done, start, on_block)
@@ -204,7 +233,7 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
     n_layers = family.n_layers(hf_config)
     kwargs = family.block_kwargs(hf_config, run.calib.seqlen, dev, run.dtype)
     summary = Summary(run.plan, run.qcfg, blocks=list(journal.state["blocks"]))
-    print(f"streamq: {run.kernels_note}", file=sys.stderr)
+    print(f"streamq: {run.kernels_note}; computing in {dtype_name(run.dtype)}", file=sys.stderr)
     if on_block:
         on_block(first, n_layers)
     with _stoppable() as stop:
@@ -216,13 +245,16 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
             run.reader.release()
             faults.point(f"block{i}:search")
             records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, run.qcfg,
-                                                        run.store, run.ops)
+                                                        run.store, run.ops, run.plan.forward_samples)
+            check_storable(tensors, prefix)
             for name, t in tensors.items():
                 writer.add(prefix + name, t)
             # records are not kept: at OPT-30B shape they are ~13 MB a block, growing with depth
             del block, records, tensors
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             stats = {"block": i, "seconds": round(time.time() - t0, 3), "peak_rss_bytes": peak_rss(),
-                     "peak_gpu_bytes": peak_device(dev)}
+                     "peak_gpu_bytes": peak_device(dev), "peak_gpu_reserved_bytes": peak_reserved(dev)}
             journal.commit(i + 1, writer, x_chunks, stats)
             summary.blocks.append(stats)
             if on_block:
@@ -236,6 +268,7 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
     settings = journal.state["settings"]
     write_metadata(run.out_dir, run.model_dir, family, hf_config, run.qcfg, run.calib, settings["tokens_sha256"],
                    settings["fingerprint"], extra={"engine": "stream", "device": str(dev), "kernels": run.ops.name,
+                                                   "compute_dtype": dtype_name(run.dtype),
                                                    "max_gpu_mem": run.max_gpu_mem, "plan": run.plan.to_json(),
                                                    "blocks": summary.blocks})
     journal.complete()

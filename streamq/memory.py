@@ -1,4 +1,4 @@
-"""Measured memory peaks per block: host RSS high-water mark and CUDA max allocated."""
+"""Measured memory peaks per block: host RSS high-water mark, CUDA max allocated and reserved."""
 
 from __future__ import annotations
 
@@ -34,3 +34,8 @@ def peak_rss() -> int:
 
 def peak_device(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def peak_reserved(device: torch.device) -> int | None:
+    """What the caching allocator held at its peak (allocated plus cached, unused blocks)."""
+    return torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None

@@ -23,10 +23,26 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """fp16 matmuls are >10x slower than fp32 on CPUs, so the CPU computes in float32;
-    GPUs compute in float16 as AWQ does. Storage is fp16 either way."""
-    return torch.float32 if device.type == "cpu" else torch.float16
+COMPUTE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def compute_dtype(device: torch.device, requested: str = "auto", source: torch.dtype | None = None) -> torch.dtype:
+    """The dtype blocks compute in. `auto`: float32 on CPU (fp16 matmuls are >10x slower
+    there); on a GPU the source's half precision, bfloat16 for a bf16 checkpoint (LLaMA-3 and
+    Qwen activations can exceed fp16's range) and float16 otherwise, as AWQ does. An explicit
+    dtype runs that math anywhere: --compute-dtype float16 on a CPU is the GPU's arithmetic.
+    Storage is fp16 either way."""
+    if requested != "auto":
+        if requested not in COMPUTE_DTYPES:
+            raise SettingsError(f"--compute-dtype must be auto, {', '.join(COMPUTE_DTYPES)}; got {requested!r}")
+        return COMPUTE_DTYPES[requested]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if source == torch.bfloat16 else torch.float16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def load_config(model_dir: Path) -> Any:

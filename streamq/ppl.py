@@ -28,7 +28,7 @@ from .families.base import meta_block
 from .kernels import TORCH
 from .kernels import select as select_kernels
 from .memory import peak_device, peak_rss, reset_peaks
-from .models import load_config, load_tokenizer, resolve_device
+from .models import compute_dtype, dtype_name, load_config, load_tokenizer, resolve_device
 from .pack import dequantize_gemm
 from .search import run_module
 from .shards import ShardReader
@@ -128,13 +128,10 @@ def awq_bits(hf_config: Any) -> int | None:
     return int(qc["bits"])
 
 
-def eval_dtype(device: torch.device, hf_config: Any, bits: int | None) -> torch.dtype:
-    """float32 on CPU (fp16 products are >10x slower there); on GPU the checkpoint's own
-    half precision (bf16 models stay bf16; AWQ kernels compute in fp16)."""
-    if device.type == "cpu":
-        return torch.float32
-    declared = str(getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", ""))
-    return torch.bfloat16 if bits is None and "bfloat16" in declared else torch.float16
+def eval_dtype(device: torch.device, reader: ShardReader, bits: int | None, requested: str = "auto") -> torch.dtype:
+    """As models.compute_dtype: float32 on CPU, on GPU the checkpoint's own half precision
+    (bf16 models stay bf16; AWQ kernels compute in fp16); an explicit dtype anywhere."""
+    return compute_dtype(device, requested, None if bits else reader.float_dtype())
 
 
 def block_state(reader: ShardReader, prefix: str, device: torch.device,
@@ -193,6 +190,7 @@ def perplexity(
     workdir: str | Path | None = None,
     on_block: OnBlock | None = None,
     kernels: str = "auto",
+    compute: str = "auto",
 ) -> PplResult:
     """Perplexity of the checkpoint in model_dir (plain or AWQ GEMM) on the text in `data`."""
     start = time.time()
@@ -204,7 +202,7 @@ def perplexity(
     family = detect(hf_config)
     bits = awq_bits(hf_config)
     dev = resolve_device(device)
-    dtype = eval_dtype(dev, hf_config, bits)
+    dtype = eval_dtype(dev, reader, bits, compute)
     if seqlen > getattr(hf_config, "max_position_embeddings", seqlen):
         raise SettingsError(f"--seqlen {seqlen} is longer than the model's {hf_config.max_position_embeddings} "
                             "positions")
@@ -222,7 +220,7 @@ def perplexity(
 
         host_mem = psutil.virtual_memory().available // 2
     # kernels matter only for a quantized checkpoint: dequantization is their one use here
-    ops = select_kernels(kernels, dev)[0] if bits else TORCH
+    ops = select_kernels(kernels, dev, dtype)[0] if bits else TORCH
     reset_peaks(dev)
     store = HiddenStore((n, seqlen, hf_config.hidden_size), dtype, host_mem, Path(workdir) if workdir else None)
     try:
@@ -253,7 +251,7 @@ def perplexity(
         ppl=math.exp(nll / tokens), mean_nll=nll / tokens, tokens=tokens, segments=n, seqlen=seqlen,
         dropped_tokens=ids.numel() - n * seqlen, model_dir=str(model_dir), data=str(data),
         data_tokens=ids.numel(), weights=f"awq-int{bits}" if bits else str(_stored_dtype(reader)),
-        device=str(dev), compute_dtype=str(dtype).replace("torch.", ""), chunk_segments=chunk,
+        device=str(dev), compute_dtype=dtype_name(dtype), chunk_segments=chunk,
         hidden_storage="disk" if on_disk else "host", seconds=time.time() - start,
         peak_rss_bytes=peak_rss(), peak_gpu_bytes=peak_device(dev), kernels=ops.name,
     )

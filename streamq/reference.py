@@ -11,11 +11,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from .block import BlockRecords, check_shapes, quantize_block
+from .block import BlockRecords, check_shapes, check_storable, quantize_block
+from .budget import forward_samples
 from .calib import cut_blocks, load_tokens, tokens_digest
 from .checkpoint import write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
 from .families import detect
+from .kernels import select as select_kernels
 from .models import check_output_dir, compute_dtype, load_tokenizer, prepare_output_dir, resolve_device
 from .shards import ShardReader
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
@@ -64,15 +66,20 @@ def quantize(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
     on_block: Callable[[int, int], None] | None = None,
+    kernels: str = "auto",
+    compute: str = "auto",
 ) -> Result:
-    """Quantize model_dir into out_dir holding the whole model in memory."""
+    """Quantize model_dir into out_dir holding the whole model in memory. Device, compute
+    dtype, kernels and forward-pass size resolve as in the engine, so both run the same ops."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir, overwrite)
     reader = ShardReader(model_dir)
     hf_config = AutoConfig.from_pretrained(model_dir)
     family = detect(hf_config)
     dev = resolve_device(device)
-    dtype = compute_dtype(dev)
+    dtype = compute_dtype(dev, compute, reader.float_dtype())
+    ops = select_kernels(kernels, dev, dtype)[0]
+    micro = forward_samples(dev)
     ids = cut_blocks(load_tokens(calib, load_tokenizer(model_dir)), calib, hf_config.vocab_size)
 
     hf_logging.disable_progress_bar()
@@ -90,7 +97,9 @@ def quantize(
     if on_block:
         on_block(0, len(layers))
     for i, block in enumerate(layers):
-        records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, qcfg)
+        records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, qcfg, ops=ops,
+                                                    micro=micro)
+        check_storable(tensors, family.block_prefix(i))
         for name, t in tensors.items():
             writer.add(family.block_prefix(i) + name, t)
         all_records.append(records)

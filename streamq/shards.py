@@ -16,6 +16,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Weight dtypes streamq reads (bytes per element); anything else is refused by name.
 DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "BOOL": 1, "U8": 1, "I8": 1}
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 def read_header(path: Path) -> bytes:
@@ -129,6 +130,17 @@ class ShardReader:
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors whose names start with prefix, keyed by the rest of the name."""
         return {n[len(prefix):]: self.get(n) for n in self.names() if n.startswith(prefix)}
+
+    def float_dtype(self) -> torch.dtype | None:
+        """The floating-point dtype holding most of the checkpoint's bytes (from the headers,
+        nothing read): what the weights were trained and published in."""
+        sizes: dict[str, int] = {}
+        for header in self.headers.values():
+            for info in header.values():
+                if info["dtype"] in _FLOAT_DTYPES:
+                    begin, end = info["data_offsets"]
+                    sizes[info["dtype"]] = sizes.get(info["dtype"], 0) + end - begin
+        return _FLOAT_DTYPES[max(sizes, key=sizes.get)] if sizes else None
 
     def fingerprint(self) -> str:
         """sha256 over config.json and each shard's name, size and header: changes when the
