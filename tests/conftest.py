@@ -1,7 +1,9 @@
-"""Tiny random OPT / LLaMA checkpoints built on the fly (never fetched), shared per session."""
+"""Tiny random OPT / LLaMA checkpoints built on the fly (never fetched), shared per session;
+the `slow` marker (real-model checks, run with --runslow or STREAMQ_SLOW=1)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,3 +31,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(params=["opt", "llama", "llama_gqa"])
 def family_model(request, tiny_models) -> tuple[str, Path]:
     return request.param, tiny_models[request.param]
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run the slow real-model tests")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--runslow") or os.environ.get("STREAMQ_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow real-model test: run with --runslow or STREAMQ_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

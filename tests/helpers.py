@@ -6,11 +6,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from streamq.families import Family, detect
 from streamq.reference import first_block_inputs
+
+
+_no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def needs_gpu(test):
+    """A test that runs on a CUDA device only (tools/gpu_check.py runs them: pytest -m gpu)."""
+    return pytest.mark.gpu(_no_cuda(test))
+
+
+# a test about behaviour that must hold on every device runs on the CPU, and on the GPU where
+# there is one
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, _no_cuda])]
 
 
 @dataclass
@@ -36,3 +50,24 @@ def setup_model(model_dir: Path, n_samples: int = 8, seqlen: int = 64, chunk: in
 
 def rechunk(chunks: list[torch.Tensor], size: int) -> list[torch.Tensor]:
     return list(torch.cat(chunks).split(size))
+
+
+def peak_allocated_during(fn) -> int:
+    """Bytes of CPU tensor memory allocated at the peak of fn() above what was allocated when it
+    started, read from the CPU allocator's own running total as the profiler records it at
+    every allocation (the peak always follows an allocation): torch.cuda.max_memory_allocated
+    for a CPU run."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
+        stack.extend(node.children)
+    events.sort()
+    start = events[0][2] - events[0][1]  # the running total just before the first event
+    return max(total for _, _, total in events) - start

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from streamq.cli import app
 
 runner = CliRunner()
-SMALL = ["--n-samples", "4", "--seqlen", "64"]
+SMALL = ["--n-samples", "4", "--seqlen", "64", "--device", "cpu"]  # facts of a CPU run
 
 
 def invoke(*args):

@@ -9,6 +9,8 @@ from streamq import engine, reference
 from streamq.config import CalibConfig, QuantConfig
 from streamq.errors import SettingsError
 
+from helpers import DEVICES
+
 CALIB = CalibConfig(n_samples=6, seqlen=64)
 
 
@@ -24,40 +26,57 @@ def checkpoint_bytes(out):
     return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != "streamq.json"}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["awq", "awq-noclip", "s2", "keep1"])
-def test_streamed_equals_reference(family_model, tmp_path, mode):
+def test_streamed_equals_reference(family_model, tmp_path, mode, device):
+    """On each device, with its own compute dtype, kernels and forward-pass size: the
+    reference and the engine under any budget write the same bytes."""
     name, path = family_model
     if mode != "awq" and name != "llama":
         pytest.skip("the ablation modes share every engine path with awq; one family suffices")
     calib = calib_for(name, tmp_path)
     qcfg = QuantConfig(mode="awq", clip=False) if mode == "awq-noclip" else QuantConfig(mode=mode)
-    reference.quantize(path, tmp_path / "ref", qcfg, calib, chunk_samples=4, shard_bytes=400_000)
+    reference.quantize(path, tmp_path / "ref", qcfg, calib, chunk_samples=4, shard_bytes=400_000, device=device)
     expected = checkpoint_bytes(tmp_path / "ref")
     plans = []
     # no budget; a roomy one (activations resident); the smallest that fits (one sample per chunk)
-    minimum = engine.quantize(path, tmp_path / "probe", qcfg, calib).plan.minimum_bytes
+    minimum = engine.plan(path, qcfg, calib, device=device).minimum_bytes
     for i, budget in enumerate([None, 10**10, minimum]):
         out = tmp_path / f"stream{i}"
-        summary = engine.quantize(path, out, qcfg, calib, max_gpu_mem=budget, shard_bytes=400_000)
+        summary = engine.quantize(path, out, qcfg, calib, device=device, max_gpu_mem=budget, shard_bytes=400_000)
         plans.append(summary.plan)
         assert checkpoint_bytes(out) == expected, (budget, summary.plan)
     assert plans[1].activations_on_device and not plans[2].activations_on_device
     assert plans[2].chunk_samples == 1
 
 
+@pytest.mark.parametrize("compute", ["float32", "float16"])
+def test_forward_passes_of_one_sample_change_nothing_on_a_cpu(tiny_models, tmp_path, monkeypatch, compute):
+    """A GPU runs every forward pass on one sample (budget.forward_samples) so that the budget
+    cannot change the bytes; on a CPU whole chunks and single samples give the same bytes,
+    in float32 and in the GPU's float16 arithmetic."""
+    calib = CalibConfig(n_samples=6, seqlen=64)
+    engine.quantize(tiny_models["llama"], tmp_path / "whole", calib=calib, device="cpu", compute=compute)
+    monkeypatch.setattr(engine, "forward_samples", lambda device: 1)
+    summary = engine.quantize(tiny_models["llama"], tmp_path / "single", calib=calib, device="cpu", compute=compute)
+    assert summary.plan.forward_samples == 1
+    assert checkpoint_bytes(tmp_path / "single") == checkpoint_bytes(tmp_path / "whole")
+
+
 def test_streamq_json_records_plan_and_measured_peaks(tiny_models, tmp_path):
-    summary = engine.quantize(tiny_models["opt"], tmp_path / "o", calib=CALIB, max_gpu_mem=10**9)
+    summary = engine.quantize(tiny_models["opt"], tmp_path / "o", calib=CALIB, max_gpu_mem=10**9, device="cpu")
     info = json.loads((tmp_path / "o" / "streamq.json").read_text())
     assert info["engine"] == "stream" and info["max_gpu_mem"] == 10**9
     assert info["plan"]["chunk_samples"] == summary.plan.chunk_samples
     assert [b["block"] for b in info["blocks"]] == [0, 1]
     assert all(b["peak_rss_bytes"] > 50 * 2**20 and b["peak_gpu_bytes"] is None for b in info["blocks"])
+    assert info["compute_dtype"] == "float32" and info["plan"]["forward_samples"] is None
     assert summary.output_bytes < summary.input_bytes
 
 
 def test_budget_too_small_is_refused_before_writing(tiny_models, tmp_path):
     with pytest.raises(SettingsError, match=r"--max-gpu-mem 976.56KiB is too small: one block needs at least"):
-        engine.quantize(tiny_models["opt"], tmp_path / "o", calib=CALIB, max_gpu_mem=10**6)
+        engine.quantize(tiny_models["opt"], tmp_path / "o", calib=CALIB, max_gpu_mem=10**6, device="cpu")
     assert not (tmp_path / "o").exists()
 
 

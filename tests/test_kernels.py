@@ -14,15 +14,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import setup_model
+from helpers import needs_gpu, setup_model
 from streamq import kernels
 from streamq.block import capture, input_source, search_block
 from streamq.cli import app
-from streamq.config import QuantConfig
+from streamq.config import CalibConfig, QuantConfig
 from streamq.errors import SettingsError
 from streamq.pack import pack_gemm
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the kernels cannot run here")
 CPU = torch.device("cpu")
 
 
@@ -112,12 +111,21 @@ def test_scaled_pseudo_quantize_is_bit_exact(cuda_ops, dtype, w_bit, group_size,
         assert torch.equal(cuda_ops.scaled_pseudo_quantize(w, s, qcfg), kernels.TORCH.scaled_pseudo_quantize(w, s, qcfg))
 
 
+def assert_near_ties_only(w, x, got, want, qcfg):
+    """Where two clip searches pick differently, the kernel's pick is no worse than the
+    reference's, in exact (float64) terms, beyond kernels.NEAR_TIE."""
+    differ = got != want
+    if differ.any():
+        e_got, e_want = kernels.clip_error(w, x, got, qcfg), kernels.clip_error(w, x, want, qcfg)
+        assert not ((e_got > e_want * (1 + kernels.NEAR_TIE)) & differ).any()
+
+
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("w_bit,group_size", [(4, 128), (3, 128), (4, 64)])
 def test_clip_search_matches_the_reference(cuda_ops, dtype, w_bit, group_size):
-    """Same picks except at near-ties (the reference's errors pass through a half-precision matmul,
-    the kernel's are float32 sums); where they differ, the kernel's pick is no worse in exact terms."""
+    """Same picks except at near-ties (both sum float32 errors, the kernel as e^T (X^T X) e, the
+    reference as |X e|^2): a differing pick is no worse in exact terms, and differing picks are rare."""
     qcfg = QuantConfig(w_bit=w_bit, group_size=group_size)
     g = torch.Generator().manual_seed(7)
     for rows, cols in SHAPES:
@@ -126,6 +134,7 @@ def test_clip_search_matches_the_reference(cuda_ops, dtype, w_bit, group_size):
         got, want = cuda_ops.search_clip(w, x, qcfg), kernels.TORCH.search_clip(w, x, qcfg)
         assert got.shape == want.shape == (rows, cols // group_size)
         assert (got != want).float().mean() < 0.01
+        assert_near_ties_only(w, x, got, want, qcfg)
 
 
 @needs_gpu
@@ -160,9 +169,51 @@ def test_block_search_same_scales_and_clips_as_torch(cuda_ops, tiny_models, fami
 
 
 @needs_gpu
-def test_auto_selects_the_kernels_on_a_gpu():
-    ops, note = kernels.select("auto", torch.device("cuda"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_auto_selects_the_kernels_on_a_gpu(dtype):
+    ops, note = kernels.select("auto", torch.device("cuda"), dtype)
     assert ops.name == "cuda", note
+
+
+@needs_gpu
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_whole_run_with_kernels_has_the_same_scales_as_torch(tiny_models, tmp_path, family):
+    """`streamq run --kernels cuda` against `--kernels torch` on the GPU: every tensor that carries
+    the folded scales (norms, biases) identical, the packed linears identical but for near-tie clips."""
+    from safetensors.torch import load_file
+
+    from streamq import engine
+
+    outs = {}
+    for k in ("torch", "cuda"):
+        outs[k] = tmp_path / k
+        engine.quantize(tiny_models[family], outs[k], QuantConfig(), CalibConfig(n_samples=8, seqlen=64),
+                        device="cuda", kernels=k)
+    load = lambda d: {n: t for f in sorted(d.glob("model-*.safetensors")) for n, t in load_file(f).items()}
+    a, b = load(outs["torch"]), load(outs["cuda"])
+    assert a.keys() == b.keys()
+    for name in a:
+        if not name.endswith((".qweight", ".qzeros", ".scales")):
+            assert torch.equal(a[name], b[name]), name
+    packed = [n for n in a if n.endswith(".qweight")]
+    same = sum(torch.equal(a[n], b[n]) for n in packed)
+    assert same >= len(packed) // 2, f"{same} of {len(packed)} packed linears identical"
+
+
+def test_self_check_passes_the_reference_and_catches_a_wrong_kernel():
+    """The self-check in the dtype the engine computes in: the PyTorch path passes, a clip search
+    that never clips and a quantizer without the zero point are caught, with the reason."""
+    import dataclasses
+
+    for dtype in (torch.float16, torch.float32):
+        assert kernels.self_check(kernels.TORCH, CPU, dtype) is None
+    no_clip = dataclasses.replace(kernels.TORCH, search_clip=lambda w, x, q: w.reshape(
+        w.shape[0], -1, q.group_size).abs().amax(-1).float().cpu())
+    problem = kernels.self_check(no_clip, CPU, torch.float16)
+    assert problem is not None and problem.startswith("search_clip picks differ beyond near-ties")
+    symmetric = dataclasses.replace(kernels.TORCH, scaled_pseudo_quantize=lambda w, s, q: (
+        kernels.TORCH.scaled_pseudo_quantize(w, s, dataclasses.replace(q, zero_point=False))))
+    assert kernels.self_check(symmetric, CPU, torch.bfloat16).startswith("scaled_pseudo_quantize differs")
 
 
 if __name__ == "__main__":  # print the nvcc command line, for trying a build by hand

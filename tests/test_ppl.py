@@ -14,6 +14,7 @@ from dequant import dequantize_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
+from helpers import needs_gpu
 from streamq import engine
 from streamq.assets import clean_rst
 from streamq.calib import builtin_text
@@ -107,6 +108,25 @@ def test_quantized_ppl_equals_independently_dequantized_model(quantized, eval_te
     expected = reference_ppl(fp16_dir, text_ids(quantized[name], eval_text), SEQLEN)
     assert result.weights == ("awq-int4" if name == "opt" else "awq-int3")
     assert result.ppl == pytest.approx(expected, rel=1e-5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", ["opt", "llama"])
+def test_ppl_on_a_gpu_equals_the_cpu_figure_within_fp16_rounding(tiny_models, quantized, eval_text, name):
+    """fp16 on the GPU (original weights, and a checkpoint dequantized by the kernels) against
+    float32 on the CPU."""
+    for model_dir in (tiny_models[name], quantized[name]):
+        cpu = perplexity(model_dir, eval_text, seqlen=SEQLEN, device="cpu")
+        gpu = perplexity(model_dir, eval_text, seqlen=SEQLEN, device="cuda")
+        assert gpu.compute_dtype == "float16" and gpu.peak_gpu_bytes > 0
+        assert gpu.ppl == pytest.approx(cpu.ppl, rel=2e-3)
+
+
+def test_float16_arithmetic_on_a_cpu_equals_float32_within_fp16_rounding(tiny_models, eval_text):
+    fp32 = perplexity(tiny_models["llama"], eval_text, seqlen=SEQLEN, device="cpu")
+    fp16 = perplexity(tiny_models["llama"], eval_text, seqlen=SEQLEN, device="cpu", compute="float16")
+    assert (fp32.compute_dtype, fp16.compute_dtype) == ("float32", "float16")
+    assert fp16.ppl != fp32.ppl and fp16.ppl == pytest.approx(fp32.ppl, rel=2e-3)
 
 
 def test_token_ids_for_models_without_a_tokenizer(tiny_models, tmp_path):

@@ -1,4 +1,5 @@
-"""The unstreamed reference end to end: checkpoint format, loadability, determinism."""
+"""The unstreamed reference end to end: checkpoint format, loadability, determinism (on the CPU:
+the replays below compute in float32)."""
 
 import copy
 import json
@@ -49,7 +50,7 @@ def quantized(tiny_models, tmp_path_factory):
     ids = root / "ids.npy"
     np.save(ids, np.random.default_rng(0).integers(2, 512, 10_000))
     calib["llama_gqa"] = CalibConfig(source=str(ids), n_samples=8, seqlen=64)
-    return {name: (reference.quantize(path, root / name, calib=calib[name], shard_bytes=300_000), root / name)
+    return {name: (reference.quantize(path, root / name, calib=calib[name], shard_bytes=300_000, device="cpu"), root / name)
             for name, path in tiny_models.items()}
 
 
@@ -125,18 +126,18 @@ def test_dequantized_checkpoint_matches_replayed_records_and_loads(family_model,
 
 def test_two_runs_give_identical_bytes(tiny_models, tmp_path):
     for run in ("a", "b"):
-        reference.quantize(tiny_models["opt"], tmp_path / run, calib=CALIB)
+        reference.quantize(tiny_models["opt"], tmp_path / run, calib=CALIB, device="cpu")
     assert output_bytes(tmp_path / "a") == output_bytes(tmp_path / "b")
 
 
 def test_chunk_size_does_not_change_output(tiny_models, tmp_path):
-    reference.quantize(tiny_models["llama"], tmp_path / "c1", calib=CALIB, chunk_samples=1)
-    reference.quantize(tiny_models["llama"], tmp_path / "c8", calib=CALIB, chunk_samples=8)
+    reference.quantize(tiny_models["llama"], tmp_path / "c1", calib=CALIB, chunk_samples=1, device="cpu")
+    reference.quantize(tiny_models["llama"], tmp_path / "c8", calib=CALIB, chunk_samples=8, device="cpu")
     assert output_bytes(tmp_path / "c1") == output_bytes(tmp_path / "c8")
 
 
 def test_int3_round_trip(tiny_models, tmp_path):
-    result = reference.quantize(tiny_models["opt"], tmp_path / "q3", QuantConfig(w_bit=3), CALIB)
+    result = reference.quantize(tiny_models["opt"], tmp_path / "q3", QuantConfig(w_bit=3), CALIB, device="cpu")
     out = tmp_path / "q3"
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 3
     assert "4-bit slots" in json.loads((out / "streamq.json").read_text())["packing"]
@@ -156,7 +157,7 @@ def test_int3_round_trip(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("mode", ["rtn", "s2"])
 def test_ablation_modes_write_gemm_checkpoints(tiny_models, tmp_path, mode):
-    result = reference.quantize(tiny_models["llama"], tmp_path / mode, QuantConfig(mode=mode), CALIB)
+    result = reference.quantize(tiny_models["llama"], tmp_path / mode, QuantConfig(mode=mode), CALIB, device="cpu")
     assert json.loads((tmp_path / mode / "streamq.json").read_text())["quant"]["mode"] == mode
     assert all(not r.clips for r in result.records)
     assert all(bool(r.scales) == (mode == "s2") for r in result.records)
@@ -164,8 +165,8 @@ def test_ablation_modes_write_gemm_checkpoints(tiny_models, tmp_path, mode):
 
 
 def test_no_clip_keeps_the_scales_and_skips_the_clip_search(tiny_models, tmp_path):
-    full = reference.quantize(tiny_models["opt"], tmp_path / "clip", calib=CALIB)
-    scale_only = reference.quantize(tiny_models["opt"], tmp_path / "noclip", QuantConfig(clip=False), CALIB)
+    full = reference.quantize(tiny_models["opt"], tmp_path / "clip", calib=CALIB, device="cpu")
+    scale_only = reference.quantize(tiny_models["opt"], tmp_path / "noclip", QuantConfig(clip=False), CALIB, device="cpu")
     assert json.loads((tmp_path / "noclip" / "streamq.json").read_text())["quant"]["clip"] is False
     assert all(r.clips for r in full.records) and all(not r.clips for r in scale_only.records)
     for a, b in zip(full.records, scale_only.records):  # the scale search runs before clipping
@@ -175,7 +176,7 @@ def test_no_clip_keeps_the_scales_and_skips_the_clip_search(tiny_models, tmp_pat
 
 def test_keep1_writes_loadable_fp16(tiny_models, tmp_path):
     out = tmp_path / "keep1"
-    result = reference.quantize(tiny_models["opt"], out, QuantConfig(mode="keep1"), CALIB)
+    result = reference.quantize(tiny_models["opt"], out, QuantConfig(mode="keep1"), CALIB, device="cpu")
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     assert json.loads((out / "streamq.json").read_text())["storage"] == "fake-quant-fp16"

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from helpers import needs_gpu
 from streamq import engine, writer
 from streamq.config import CalibConfig
 from streamq.errors import DiskFullError, ResumeError
@@ -15,9 +16,11 @@ from streamq.errors import DiskFullError, ResumeError
 ARGS = ["--n-samples", "6", "--seqlen", "64", "--shard-size", "150KB"]
 
 
-def streamq(*args, kill_at=None):
+def streamq(*args, kill_at=None, device="cpu"):
+    """The CLI in a child process (so that it can be killed); run and resume on `device`."""
     env = {**os.environ, "STREAMQ_KILL_AT": kill_at or ""}
-    return subprocess.run([sys.executable, "-m", "streamq", *map(str, args)], env=env,
+    where = ["--device", device] if args[0] in ("run", "resume") else []
+    return subprocess.run([sys.executable, "-m", "streamq", *map(str, args), *where], env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -50,6 +53,18 @@ def test_sigkill_then_resume_is_byte_identical(tiny_models, uninterrupted, tmp_p
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint(out) == uninterrupted[family]
     assert sorted(p.name for p in (out / ".streamq").iterdir()) == ["journal.json"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("kill_at", ["block0:search", "block1:journal"])
+def test_sigkill_then_resume_on_a_gpu_is_byte_identical(tiny_models, tmp_path, kill_at):
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert streamq("run", "--model", tiny_models["llama"], "--output", whole, *ARGS, device="cuda").returncode == 0
+    killed = streamq("run", "--model", tiny_models["llama"], "--output", out, *ARGS, kill_at=kill_at, device="cuda")
+    assert killed.returncode == -9, killed.stderr
+    resumed = streamq("resume", out, device="cuda")
+    assert resumed.returncode == 0 and "warning" not in resumed.stderr, resumed.stderr
+    assert checkpoint(out) == checkpoint(whole)
 
 
 def test_two_successive_kills(tiny_models, uninterrupted, tmp_path):
@@ -139,13 +154,13 @@ def test_disk_full_stops_cleanly_and_resumes(tiny_models, uninterrupted, tmp_pat
     out = tmp_path / "out"
     calib = CalibConfig(n_samples=6, seqlen=64)
     with pytest.raises(DiskFullError, match=rf"disk full while writing .*{expected}; free space, then run: streamq resume"):
-        engine.quantize(tiny_models["opt"], out, calib=calib, shard_bytes=150_000)
+        engine.quantize(tiny_models["opt"], out, calib=calib, shard_bytes=150_000, device="cpu")
     assert not list(out.glob("*.tmp")) and not list((out / ".streamq").glob("*.tmp"))
     monkeypatch.setattr(writer, "replace_atomic", real)
-    engine.resume(out)
+    engine.resume(out, device="cpu")
     assert checkpoint(out) == uninterrupted["opt"]
     with pytest.raises(ResumeError, match="already complete"):
-        engine.resume(out)
+        engine.resume(out, device="cpu")
 
 
 def test_writer_holds_no_tensor_in_memory(tmp_path):

@@ -1,0 +1,76 @@
+"""tools/gpu_check.py in its CPU mode (--device cpu --small), so that the one-call GPU check
+cannot rot between the sessions that have a GPU: every stage that needs no CUDA device runs
+at tiny widths and must pass; the CUDA stages say why they were skipped; one broken stage
+does not stop the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
+
+
+def gpu_check(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--out", str(out),
+                           "--work", str(out / "work"), *args], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check")
+    proc = gpu_check(out)
+    return proc, json.loads((out / "summary.json").read_text()), out
+
+
+def test_cpu_mode_passes_every_stage_it_can_run(cpu_run):
+    proc, summary, out = cpu_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = summary["stages"]
+    assert list(stages) == ["env", "build", "gpu-tests", "kernels-run", "ppl", "wide-opt-30b", "bench-kernels",
+                            "wide-llama-2-7b", "wide-llama-3-70b"]
+    for name in ("build", "gpu-tests", "kernels-run", "bench-kernels"):
+        assert stages[name] == {"status": "skipped", "reason": "needs a CUDA device"}
+    assert all(stages[name]["status"] == "ok" for name in stages if name not in
+               ("build", "gpu-tests", "kernels-run", "bench-kernels"))
+    assert stages["env"]["torch"] and stages["env"]["cuda_available"] is False
+    assert "| stage | status | seconds | figures |" in proc.stdout  # the summary table, printed last
+    assert (out / "gpu_check.log").stat().st_size > 0
+
+
+def test_ppl_stage_compares_float16_with_float32(cpu_run):
+    ppl = cpu_run[1]["stages"]["ppl"]
+    for label in ("fp16-weights", "awq-int4"):
+        figures = ppl[label]
+        assert figures["check_dtype"] == "float16" and figures["check_device"] == "cpu"
+        assert figures["rel_diff"] <= ppl["tolerance_rel"] and figures["segments"] > 1
+
+
+@pytest.mark.parametrize("name", ["opt-30b", "llama-2-7b", "llama-3-70b"])
+def test_wide_stages_run_both_budgets_byte_identical(cpu_run, name):
+    stage = cpu_run[1]["stages"][f"wide-{name}"]
+    assert stage["identical"] is True and stage["layers"] == 2
+    roomy, tight = stage["runs"]["roomy"], stage["runs"]["tight"]
+    assert roomy["activations_on_device"] and not tight["activations_on_device"]
+    assert tight["budget_bytes"] < roomy["budget_bytes"] and tight["chunk_samples"] == 1
+    for run in (roomy, tight):
+        assert len(run["block_seconds"]) == 2 and run["planned_peak_bytes"] <= run["budget_bytes"]
+        assert run["compute_dtype"] == "float32" and run["kernels"] == "torch"
+        assert run["peak_allocated_bytes"] is None and run["peak_rss_bytes"] > 0  # a CPU run
+    if name == "llama-3-70b":
+        assert stage["shape"]["kv_heads"] == 2  # grouped-query attention, as LLaMA-3-70B's 8 of 64
+
+
+def test_a_broken_stage_does_not_stop_the_others(tmp_path):
+    proc = gpu_check(tmp_path, "--stages", "env,wide-llama-2-7b", env={"STREAMQ_GPU_CHECK_BREAK": "env"})
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert proc.returncode == 1 and summary["ok"] is False
+    assert summary["stages"]["env"]["status"] == "CRASH"
+    assert "broken on purpose" in summary["stages"]["env"]["error"]
+    assert summary["stages"]["wide-llama-2-7b"]["status"] == "ok"
