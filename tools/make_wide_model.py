@@ -6,6 +6,8 @@ blocks are what is measured.
     python tools/make_wide_model.py --layers 8 --out models/opt30b-shape-8
     python tools/make_wide_model.py --from models/opt30b-shape-8 --layers 2 --out models/opt30b-shape-2
     python tools/make_wide_model.py --family llama --hidden 4096 --ffn 11008 --heads 32 --layers 8 --out models/llama7b-shape-8
+    python tools/make_wide_model.py --family llama --hidden 8192 --ffn 28672 --heads 64 --kv-heads 8 --layers 3 \
+        --out models/llama3-70b-shape-3 --gen-device cuda   # LLaMA-3-70B's block; random numbers drawn on the GPU
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ def opt_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int) -> di
     }
 
 
-def llama_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int) -> dict:
+def llama_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int, kv_heads: int | None = None) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": hidden, "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": heads,
+        "hidden_size": hidden, "intermediate_size": ffn, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads or heads,
         "num_hidden_layers": layers, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True,
         "dtype": "float16", "bos_token_id": 1, "eos_token_id": 2,
@@ -44,29 +47,36 @@ def llama_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int) -> 
 
 def salient_norm(hidden: int, g: torch.Generator) -> torch.Tensor:
     w = torch.ones(hidden)
-    w[torch.randperm(hidden, generator=g)[:8]] = 20.0  # salient channels, as real models have
+    w[torch.randperm(hidden, generator=g, device=g.device)[:8].cpu()] = 20.0  # salient channels, as real models have
     return w.half()
 
 
-def llama_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+def random_weight(shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """N(0, 0.02) in fp16 on the host, drawn on the generator's device (a GPU draws a
+    70B-width block in milliseconds where a CPU takes seconds)."""
+    return (torch.randn(shape, generator=g, device=g.device) * 0.02).half().cpu()
+
+
+def llama_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator, kv: int | None = None) -> dict[str, torch.Tensor]:
     p = f"model.layers.{i}."
+    kv = kv or hidden  # key/value width: hidden / heads * kv_heads under grouped-query attention
     t: dict[str, torch.Tensor] = {}
-    for name, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (hidden, hidden)),
-                        ("self_attn.v_proj", (hidden, hidden)), ("self_attn.o_proj", (hidden, hidden)),
+    for name, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (kv, hidden)),
+                        ("self_attn.v_proj", (kv, hidden)), ("self_attn.o_proj", (hidden, hidden)),
                         ("mlp.gate_proj", (ffn, hidden)), ("mlp.up_proj", (ffn, hidden)), ("mlp.down_proj", (hidden, ffn))]:
-        t[p + name + ".weight"] = (torch.randn(shape, generator=g) * 0.02).half()
+        t[p + name + ".weight"] = random_weight(shape, g)
     for norm in ("input_layernorm", "post_attention_layernorm"):
         t[p + norm + ".weight"] = salient_norm(hidden, g)
     return t
 
 
-def opt_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+def opt_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator, kv: int | None = None) -> dict[str, torch.Tensor]:
     p = f"model.decoder.layers.{i}."
     t: dict[str, torch.Tensor] = {}
     for name, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (hidden, hidden)),
                         ("self_attn.v_proj", (hidden, hidden)), ("self_attn.out_proj", (hidden, hidden)),
                         ("fc1", (ffn, hidden)), ("fc2", (hidden, ffn))]:
-        t[p + name + ".weight"] = (torch.randn(shape, generator=g) * 0.02).half()
+        t[p + name + ".weight"] = random_weight(shape, g)
         t[p + name + ".bias"] = torch.zeros(shape[0], dtype=torch.float16)
     for norm in ("self_attn_layer_norm", "final_layer_norm"):
         t[p + norm + ".weight"] = salient_norm(hidden, g)
@@ -74,17 +84,19 @@ def opt_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator) -> dict
     return t
 
 
-def write(out: Path, family: str, layers: int, hidden: int, ffn: int, heads: int, vocab: int, seed: int) -> None:
+def write(out: Path, family: str, layers: int, hidden: int, ffn: int, heads: int, vocab: int, seed: int,
+          kv_heads: int | None = None, gen_device: str = "cpu") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=gen_device).manual_seed(seed)
     weight_map: dict[str, str] = {}
+    kv = hidden // heads * kv_heads if kv_heads else None
     if family == "llama":
-        head = {"model.embed_tokens.weight": (torch.randn(vocab, hidden, generator=g) * 0.02).half(),
+        head = {"model.embed_tokens.weight": random_weight((vocab, hidden), g),
                 "model.norm.weight": torch.ones(hidden, dtype=torch.float16)}
-        config, make_block = llama_config(layers, hidden, ffn, heads, vocab), llama_block_tensors
+        config, make_block = llama_config(layers, hidden, ffn, heads, vocab, kv_heads), llama_block_tensors
     else:
-        head = {"model.decoder.embed_tokens.weight": (torch.randn(vocab, hidden, generator=g) * 0.02).half(),
-                "model.decoder.embed_positions.weight": (torch.randn(2050, hidden, generator=g) * 0.02).half(),
+        head = {"model.decoder.embed_tokens.weight": random_weight((vocab, hidden), g),
+                "model.decoder.embed_positions.weight": random_weight((2050, hidden), g),
                 "model.decoder.final_layer_norm.weight": torch.ones(hidden, dtype=torch.float16),
                 "model.decoder.final_layer_norm.bias": torch.zeros(hidden, dtype=torch.float16)}
         config, make_block = opt_config(layers, hidden, ffn, heads, vocab), opt_block_tensors
@@ -93,7 +105,7 @@ def write(out: Path, family: str, layers: int, hidden: int, ffn: int, heads: int
     weight_map.update({k: shards[0][0] for k in head})
     for i in range(layers):
         name = f"model-block{i:03d}.safetensors"
-        tensors = make_block(i, hidden, ffn, g)
+        tensors = make_block(i, hidden, ffn, g, kv)
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
         print(f"wrote block {i}", flush=True)
@@ -149,13 +161,16 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--ffn", type=int, default=28672)
     parser.add_argument("--heads", type=int, default=56)
+    parser.add_argument("--kv-heads", type=int, default=None, help="LLaMA: key/value heads (grouped-query attention)")
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gen-device", default="cpu", help="where the random numbers are drawn (cpu or cuda)")
     args = parser.parse_args()
     if args.src:
         subset(args.src, args.out, args.layers)
     else:
-        write(args.out, args.family, args.layers, args.hidden, args.ffn, args.heads, args.vocab, args.seed)
+        write(args.out, args.family, args.layers, args.hidden, args.ffn, args.heads, args.vocab, args.seed,
+              args.kv_heads, args.gen_device)
 
 
 if __name__ == "__main__":
