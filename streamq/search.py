@@ -49,7 +49,9 @@ def run_module(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor
 def micro_batches(x: torch.Tensor, micro: int | None) -> list[torch.Tensor]:
     """x split into forward passes of `micro` samples (the last may be smaller); None: whole.
     On a GPU, cuBLAS may pick another kernel (split-K) for another batch size, so the bytes
-    of a result depend on the batch: a fixed micro-batch keeps them independent of the chunk."""
+    of a result depend on the batch: a fixed micro-batch keeps them independent of the chunk
+    (the engine uses one sample, budget.forward_samples; a larger micro would have to divide
+    every chunk)."""
     return [x] if micro is None or x.shape[0] <= micro else list(x.split(micro))
 
 
@@ -86,6 +88,73 @@ def scaled_pseudo_quantize(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) 
     return pseudo_quantize(w * s, qcfg.w_bit, qcfg.group_size, qcfg.zero_point).div_(s)
 
 
+def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: int) -> list[torch.Tensor]:
+    """s = mean|x|^alpha (or mean|x|^alpha / mean|w|^(1-alpha) with duo scaling) for alpha in
+    {0, 1/n_grid, ...}, clamped at 1e-4 and normalised by sqrt(max s * min s); float32, host."""
+    grid = []
+    for i in range(n_grid):
+        ratio = i / n_grid
+        s = x_mean.pow(ratio) if w_mean is None else x_mean.pow(ratio) / w_mean.pow(1 - ratio)
+        s = s.clamp(min=1e-4)
+        grid.append(s / (s.max() * s.min()).sqrt())
+    return grid
+
+
+Quantizer = Callable[[torch.Tensor, torch.Tensor, QuantConfig], torch.Tensor]
+
+
+def _set_candidate(linears: list[nn.Linear], originals: list[torch.Tensor], s: torch.Tensor | None,
+                   qcfg: QuantConfig, scaled_quantize: Quantizer) -> None:
+    """The linears' weights become Q(W*s)/s (s on their device), or the originals for None."""
+    s_dev = None if s is None else s.to(device=originals[0].device, dtype=originals[0].dtype)
+    for lin, w in zip(linears, originals):
+        lin.weight.data = w if s_dev is None else scaled_quantize(w, s_dev, qcfg)
+
+
+def _sse_resident(inspect, linears, originals, x_chunks, kwargs, qcfg, grid, scaled_quantize, micro):
+    """Per candidate, the per-sample squared errors, candidate by candidate: the references of
+    every chunk are computed once and kept where the chunk lives; each candidate is quantized once."""
+    device = originals[0].device
+    _set_candidate(linears, originals, None, qcfg, scaled_quantize)
+    refs = []
+    for x in x_chunks:
+        ref = Assembler(x.device, x.shape[0])
+        for xm in micro_batches(upload(x, device), micro):
+            ref.add(run_module(inspect, xm, kwargs))
+        refs.append(ref.result())
+    out = []
+    for s in grid:
+        _set_candidate(linears, originals, s, qcfg, scaled_quantize)
+        sse = []
+        for x, ref in zip(x_chunks, refs):
+            x, ref = upload(x, device), upload(ref, device)
+            for xm, rm in zip(micro_batches(x, micro), micro_batches(ref, micro)):
+                sse.append(_per_sample_sse(run_module(inspect, xm, kwargs), rm))
+        out.append(torch.cat(sse))
+    return out, sum(r.numel() for r in refs)
+
+
+def _sse_streamed(inspect, linears, originals, x_chunks, kwargs, qcfg, grid, scaled_quantize, micro):
+    """The same numbers, chunk by chunk: each chunk is uploaded once, its references are computed
+    on the device and every candidate is evaluated on it (and quantized again for each chunk),
+    instead of every chunk and its references crossing the bus once per candidate (for OPT-30B's
+    fc1 at 128 x 512 tokens, 20 x 4.7 GB). No reference is stored."""
+    device = originals[0].device
+    sse: list[list[torch.Tensor]] = [[] for _ in grid]
+    n_elem = 0
+    for x in x_chunks:
+        x = upload(x, device)
+        _set_candidate(linears, originals, None, qcfg, scaled_quantize)
+        refs = [run_module(inspect, xm, kwargs) for xm in micro_batches(x, micro)]
+        n_elem += sum(r.numel() for r in refs)
+        for i, s in enumerate(grid):
+            _set_candidate(linears, originals, s, qcfg, scaled_quantize)
+            for xm, rm in zip(micro_batches(x, micro), refs):
+                sse[i].append(_per_sample_sse(run_module(inspect, xm, kwargs), rm))
+        del refs
+    return [torch.cat(per_chunk) for per_chunk in sse], n_elem
+
+
 @torch.no_grad()
 def search_scale(
     inspect: nn.Module,
@@ -94,48 +163,34 @@ def search_scale(
     x_mean: torch.Tensor,
     kwargs: dict,
     qcfg: QuantConfig,
-    scaled_quantize: Callable[[torch.Tensor, torch.Tensor, QuantConfig], torch.Tensor] = scaled_pseudo_quantize,
+    scaled_quantize: Quantizer = scaled_pseudo_quantize,
     micro: int | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Grid-search alpha for s = mean|x|^alpha (normalised by sqrt(max s * min s)), each
     candidate judged by the MSE of `inspect`'s output with weights Q(W*s)/s against the
-    unquantized output. Returns the best s (float32, host) and the loss of every alpha."""
+    unquantized output. Returns the best s (float32, host) and the loss of every alpha.
+    Chunks on the device are searched candidate by candidate. Chunks in host memory are
+    searched chunk by chunk when there are at most n_grid of them: each candidate is then
+    quantized once per chunk (n_chunks x n_grid times instead of n_grid), which costs less than
+    moving every chunk and its references n_grid times while chunks are few and large; with
+    more, smaller chunks the transfers are cheaper. Both orders give the same per-sample
+    errors, summed in the same order, so the same bytes."""
     device = linears[0].weight.device
     originals = [lin.weight.data.clone() for lin in linears]
-    # references stay where their chunk lives (the device, or host memory when streaming)
-    refs = []
-    for x in x_chunks:
-        ref = Assembler(x.device, x.shape[0])
-        for xm in micro_batches(upload(x, device), micro):
-            ref.add(run_module(inspect, xm, kwargs))
-        refs.append(ref.result())
-    n_elem = sum(r.numel() for r in refs)
     w_mean = weight_scale(originals, qcfg.group_size) if qcfg.duo_scaling else None
-    losses: list[float] = []
-    best_loss, best_s = float("inf"), None
-    for i in range(qcfg.n_grid):
-        ratio = i / qcfg.n_grid
-        s = x_mean.pow(ratio) if w_mean is None else x_mean.pow(ratio) / w_mean.pow(1 - ratio)
-        s = s.clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        s_dev = s.to(device=device, dtype=originals[0].dtype)
-        for lin, w in zip(linears, originals):
-            lin.weight.data = scaled_quantize(w, s_dev, qcfg)
-        sse = []
-        for x, ref in zip(x_chunks, refs):
-            x, ref = upload(x, device), upload(ref, device)
-            for xm, rm in zip(micro_batches(x, micro), micro_batches(ref, micro)):
-                sse.append(_per_sample_sse(run_module(inspect, xm, kwargs), rm))
-        # one copy to the host per candidate (not per micro-batch: each would stall the device)
-        loss = float(torch.cat(sse).cpu().double().sum() / n_elem)
-        losses.append(loss)
-        if loss < best_loss:
-            best_loss, best_s = loss, s
-    for lin, w in zip(linears, originals):
-        lin.weight.data = w
-    if best_s is None:  # every loss was NaN: the block's activations are broken
+    grid = scale_candidates(x_mean, w_mean, qcfg.n_grid)
+    on_host = any(x.device != device for x in x_chunks)
+    losses_of = _sse_streamed if on_host and len(x_chunks) <= qcfg.n_grid else _sse_resident
+    try:
+        sse, n_elem = losses_of(inspect, linears, originals, x_chunks, kwargs, qcfg, grid, scaled_quantize, micro)
+    finally:
+        _set_candidate(linears, originals, None, qcfg, scaled_quantize)
+    # one copy to the host per candidate (not per micro-batch: each would stall the device)
+    losses = [float(e.cpu().double().sum() / n_elem) for e in sse]
+    best = min((i for i in range(len(losses)) if losses[i] == losses[i]), key=losses.__getitem__, default=None)
+    if best is None:  # every loss was NaN: the block's activations are broken
         raise FloatingPointError(f"scale search found no finite loss: {losses}")
-    return best_s, losses
+    return grid[best], losses
 
 
 def salient_channels(x_mean: torch.Tensor, frac: float) -> torch.Tensor:

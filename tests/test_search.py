@@ -179,3 +179,29 @@ def test_keep1_keeps_salient_columns_and_quantizes_the_rest():
     rest = torch.ones(256, dtype=torch.bool)
     rest[salient] = False
     assert torch.equal(q[:, rest], pseudo_quantize(masked, 4, 128)[:, rest])
+
+
+@pytest.mark.parametrize("duo", [False, True])
+def test_chunk_by_chunk_and_candidate_by_candidate_orders_give_identical_losses(tiny_models, duo):
+    """The scale search over host-kept chunks (each uploaded once, every candidate evaluated on
+    it) and over device-kept chunks (candidate by candidate) compute the same numbers."""
+    import streamq.search as search
+
+    s = setup_model(tiny_models["opt"])
+    block = s.layers[0]
+    qcfg = QuantConfig(duo_scaling=duo)
+    feats, _ = capture(block, s.x_chunks, s.kwargs, {"fc1"})
+    chunks = rechunk(feats["fc1"], 3)
+    originals = [block.fc1.weight.data.clone()]
+    grid = search.scale_candidates(act_scale(chunks), search.weight_scale(originals, 128) if duo else None, 20)
+    args = (block.fc1, [block.fc1], originals, chunks, {}, qcfg, grid, search.scaled_pseudo_quantize)
+    with torch.no_grad():
+        for micro in (None, 1):
+            block.fc1.weight.data = originals[0]  # each order leaves its last candidate in place
+            resident, n1 = search._sse_resident(*args, micro)
+            block.fc1.weight.data = originals[0]
+            streamed, n2 = search._sse_streamed(*args, micro)
+            assert n1 == n2 and all(torch.equal(a, b) for a, b in zip(resident, streamed))
+    block.fc1.weight.data = originals[0]
+    best, losses = search_scale(block.fc1, [block.fc1], chunks, act_scale(chunks), {}, qcfg)
+    assert losses == [float(e.double().sum() / n1) for e in resident]
