@@ -239,13 +239,15 @@ def print_summary(summary, output: Path) -> None:
 
     qcfg = summary.qcfg
     gpu = [b["peak_gpu_bytes"] for b in summary.blocks if b["peak_gpu_bytes"] is not None]
+    reserved = max(b.get("peak_gpu_reserved_bytes") or 0 for b in summary.blocks)
+    gpu_line = f"{format_bytes(max(gpu))} (reserved {format_bytes(reserved)})" if gpu else "n/a (CPU run)"
     plan = summary.plan
     lines = [
         f"quantized {len(summary.blocks)} blocks ({qcfg.mode}, INT{qcfg.w_bit}, group {qcfg.group_size})"
         f" in {summary.seconds:.1f} s -> {output}",
         f"  chunks of {plan.chunk_samples} samples, activations on the "
         f"{'device' if plan.activations_on_device else 'host'} (planned peak {format_bytes(plan.estimated_peak_bytes)})",
-        f"  peak GPU memory {format_bytes(max(gpu)) if gpu else 'n/a (CPU run)'},"
+        f"  peak GPU memory {gpu_line},"
         f" peak RSS {format_bytes(max(b['peak_rss_bytes'] for b in summary.blocks))}",
         f"  size: {summary.input_bytes / 1e9:.3f} GB fp16 -> {summary.output_bytes / 1e9:.3f} GB"
         f" INT{qcfg.w_bit}" if qcfg.mode != "keep1" else

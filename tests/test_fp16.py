@@ -209,7 +209,7 @@ def test_compute_dtype_is_recorded_and_kept_by_resume(tiny_models, tmp_path):
     assert json.loads((tmp_path / "whole" / "streamq.json").read_text())["compute_dtype"] == "float16"
     assert run("run", "--output", tmp_path / "cut", *args, kill="block0:journal").returncode == -9
     resumed = run("resume", tmp_path / "cut", "--device", "cpu")
-    assert resumed.returncode == 0 and "warning" not in resumed.stderr, resumed.stderr
+    assert resumed.returncode == 0 and "streamq: warning" not in resumed.stderr, resumed.stderr
     assert "computing in float16" in resumed.stderr
     files = lambda d: {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and p.name != "streamq.json"}
     assert files(tmp_path / "cut") == files(tmp_path / "whole")

@@ -63,7 +63,7 @@ def test_sigkill_then_resume_on_a_gpu_is_byte_identical(tiny_models, tmp_path, k
     killed = streamq("run", "--model", tiny_models["llama"], "--output", out, *ARGS, kill_at=kill_at, device="cuda")
     assert killed.returncode == -9, killed.stderr
     resumed = streamq("resume", out, device="cuda")
-    assert resumed.returncode == 0 and "warning" not in resumed.stderr, resumed.stderr
+    assert resumed.returncode == 0 and "streamq: warning" not in resumed.stderr, resumed.stderr
     assert checkpoint(out) == checkpoint(whole)
 
 
