@@ -2,8 +2,8 @@
 //
 // Each kernel mirrors one PyTorch function of streamq (the reference) step by step: every
 // intermediate that PyTorch stores in the compute dtype T is rounded to T here too (the scaled
-// weights w * s, the pseudo-quantized result), the quantizer's own arithmetic is float32 as in
-// quant.py, divisions are IEEE divisions, and a division by a Python scalar is a multiply by
+// weights w * s, the pseudo-quantized result), the quantizer's own arithmetic and the whole
+// clip search are float32 as in quant.py and search.py, divisions are IEEE divisions, and a division by a Python scalar is a multiply by
 // its float reciprocal, as ATen's CUDA kernels do. Build with torch.utils.cpp_extension
 // (streamq/kernels.py); never compile with --use_fast_math, which would change the rounding.
 //
@@ -72,12 +72,10 @@ __device__ __forceinline__ GroupQ group_params(float mx, float mn, int w_bit, bo
   return q;
 }
 
-// quant.pseudo_quantize for one value, float32: (clamp(round(v / s) + z, 0, max) - z) * s,
-// then rounded once to T
-template <typename T>
-__device__ __forceinline__ T fake_quant(float v, GroupQ q, float max_int) {
+// quant.pseudo_quantize for one value, float32: (clamp(round(v / s) + z, 0, max) - z) * s
+__device__ __forceinline__ float fake_quant(float v, GroupQ q, float max_int) {
   const float c = fminf(fmaxf(nearbyintf(v / q.scale) + q.zero, 0.0f), max_int);
-  return rnd<T>((c - q.zero) * q.scale);
+  return (c - q.zero) * q.scale;
 }
 
 // One warp per (row, group). With s: the group of w * s is quantized and divided by s again.
@@ -100,10 +98,10 @@ __global__ void scaled_pq_kernel(const T* __restrict__ w, const T* __restrict__ 
   const float max_int = static_cast<float>((1 << w_bit) - 1);
   for (int k = lane; k < group_size; k += kWarp) {
     if (sg == nullptr) {
-      out[base + k] = fake_quant<T>(f(w[base + k]), q, max_int);
+      out[base + k] = rnd<T>(fake_quant(f(w[base + k]), q, max_int));  // the result, in T
     } else {
       const float scaled = f(rnd<T>(f(w[base + k]) * f(sg[k])));  // w * s is a tensor of T
-      out[base + k] = rnd<T>(f(fake_quant<T>(scaled, q, max_int)) / f(sg[k]));
+      out[base + k] = rnd<T>(f(rnd<T>(fake_quant(scaled, q, max_int))) / f(sg[k]));
     }
   }
 }
@@ -141,20 +139,20 @@ __global__ void clip_search_kernel(const T* __restrict__ w, const float* __restr
         mn = fminf(mn, wv[j]);
       }
     }
-    const T org_max = rnd<T>(warp_max(amax));
+    // the whole search in float32, as search.search_clip (values of T are exact in float)
+    const float org_max = warp_max(amax);
     mx = warp_max(mx);
     mn = warp_min(mn);
     float best_err = INFINITY;
-    T best_max = org_max;
+    float best_max = org_max;
     for (int i = 0; i < n_cand; ++i) {
-      // org_max * (1 - i / n_grid): a Python float scalar, applied in float
-      const float mv = f(rnd<T>(f(org_max) * static_cast<float>(1.0 - static_cast<double>(i) / n_grid)));
-      // clamping values of T to a bound of T is exact: no rounding
+      // org_max * (1 - i / n_grid): a float32 tensor times a Python float scalar
+      const float mv = org_max * static_cast<float>(1.0 - static_cast<double>(i) / n_grid);
       const GroupQ q = group_params(fminf(fmaxf(mx, -mv), mv), fminf(fmaxf(mn, -mv), mv), w_bit, zero_point);
       float e[kMaxLanesPerGroup];
 #pragma unroll
       for (int j = 0; j < kMaxLanesPerGroup; ++j) {
-        if (j < per_lane) e[j] = f(fake_quant<T>(fminf(fmaxf(wv[j], -mv), mv), q, max_int)) - wv[j];
+        if (j < per_lane) e[j] = fake_quant(fminf(fmaxf(wv[j], -mv), mv), q, max_int) - wv[j];
       }
       float part = 0.0f;
 #pragma unroll
@@ -176,10 +174,10 @@ __global__ void clip_search_kernel(const T* __restrict__ w, const float* __restr
       const float err = fmaxf(warp_sum(part), 0.0f) * inv_tokens;
       if (err < best_err) {
         best_err = err;
-        best_max = rnd<T>(mv);
+        best_max = mv;
       }
     }
-    if (lane == 0) best_out[row * n_group + g] = f(best_max);
+    if (lane == 0) best_out[row * n_group + g] = best_max;
   }
 }
 

@@ -89,13 +89,16 @@ NEAR_TIE = 1e-3  # a clip pick may differ from the reference's only where their 
 
 
 def clip_error(w: torch.Tensor, x: torch.Tensor, max_val: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
-    """Exact (float64, host) output MSE per (output channel, group) of clipping w at max_val."""
+    """Exact (float64, host) output MSE per (output channel, group) of clipping w at max_val and
+    quantizing in float32, as the clip search judges a candidate; x as the layer sees it."""
     gs = qcfg.group_size
+    x = x.to(w.dtype)
+    w = w.float()
     wg = w.reshape(w.shape[0], -1, gs)
     m = max_val.to(device=w.device, dtype=w.dtype)[..., None]
     q = pseudo_quantize(torch.clamp(wg, -m, m).reshape(w.shape), qcfg.w_bit, gs, qcfg.zero_point)
     e = (q.double() - w.double()).cpu().reshape(w.shape[0], -1, gs)
-    xg = x.to(w.dtype).double().cpu().reshape(x.shape[0], -1, gs)
+    xg = x.double().cpu().reshape(x.shape[0], -1, gs)
     return torch.einsum("tgk,ogk->tog", xg, e).pow(2).mean(dim=0)
 
 

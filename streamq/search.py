@@ -236,9 +236,12 @@ def search_clip(weight: torch.Tensor, x_tok: torch.Tensor, qcfg: QuantConfig) ->
 
     The official code forms the 4-D product (channels x tokens x groups x group_size) and
     subtracts two outputs; here each group's output error is one batched matmul of the inputs
-    with the weight error e = Q(clamp(w)) - w, [groups, tokens, group] x [groups, group, batch],
-    in float32 whatever the compute dtype (e is exact there, and fp16 squares would underflow
-    or overflow): no cancellation, and a working set bounded by clip_batch_size."""
+    with the weight error e = Q(clamp(w)) - w, [groups, tokens, group] x [groups, group, batch]:
+    no cancellation, and a working set bounded by clip_batch_size. The whole search is float32
+    whatever the compute dtype (candidates, clamping, the quantized weights, the error): with
+    the candidates and quantized weights rounded to fp16 it clipped measurably worse (SmolLM2,
+    AWQ INT4 g64: docs/benchmarks.md), and fp16 squares would underflow or overflow. The chosen
+    max_val is returned in float32; apply_clip rounds it to the weights' dtype."""
     out_features, in_features = weight.shape
     gs = qcfg.group_size
     n_group = in_features // gs
@@ -247,21 +250,20 @@ def search_clip(weight: torch.Tensor, x_tok: torch.Tensor, qcfg: QuantConfig) ->
     batch = clip_batch_size(out_features, n_group, x.shape[1])
     best = []
     for start in range(0, out_features, batch):
-        w = weight[start:start + batch]
+        w = weight[start:start + batch].float()  # exact: half values are float32 values
         wg = w.reshape(w.shape[0], n_group, gs)
-        wf = wg.float()
         org_max = wg.abs().amax(dim=-1)  # [b, G]
         best_max = org_max.clone()
         min_err = torch.full(org_max.shape, float("inf"), device=w.device)
         for i in range(int(qcfg.max_shrink * qcfg.n_grid)):
             max_val = org_max * (1 - i / qcfg.n_grid)
             clipped = torch.clamp(wg, -max_val[..., None], max_val[..., None]).reshape(w.shape)
-            e = pseudo_quantize(clipped, qcfg.w_bit, gs, qcfg.zero_point).reshape(wg.shape).float() - wf
+            e = pseudo_quantize(clipped, qcfg.w_bit, gs, qcfg.zero_point).reshape(wg.shape) - wg
             err = torch.bmm(x, e.permute(1, 2, 0)).pow_(2).mean(dim=1).t()  # [b, G]
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best_max = torch.where(better, max_val, best_max)
-        best.append(best_max.float().cpu())
+        best.append(best_max.cpu())
     return torch.cat(best)
 
 
