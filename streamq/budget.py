@@ -97,11 +97,12 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
     e = elem_bytes
     # the block's weights and, during a group's search, the group's originals; then the largest
     # of: a candidate being made (w * s, the quantizer's float32 codes, the result), the clip
-    # search, the packing of the largest linear (float32 codes, uint8 codes and their transpose,
-    # int64 words and their temporaries)
+    # search beside its linear's folded float32 weight, the output of the largest linear (its
+    # folded float32 weight turned into codes in place, uint8 codes and their transpose, int64
+    # words and their temporaries)
     L = shape.largest_linear
     fixed = (shape.weight_elems * e + shape.largest_group * e + SLACK_BYTES
-             + max(2 * L * e + L * FLOAT32, shape.clip_bytes, 7 * L))
+             + max(2 * L * e + L * FLOAT32, shape.clip_bytes + L * FLOAT32, 7 * L))
     # per sample kept for the whole block: input, output, captured linear inputs, and the
     # references of the group being searched
     resident = seqlen * e * (2 * shape.hidden + shape.captured_width + shape.ref_width)

@@ -52,19 +52,25 @@ def quant_params(
     return scales, zeros
 
 
-def _float_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, w_bit: int) -> torch.Tensor:
-    """Codes as float32, grouped [out, n_group, group_size]. One temporary, updated in place:
-    for a 28672 x 7168 weight every extra temporary is 0.8 GB of float32 traffic."""
+def _float_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, w_bit: int,
+                 inplace: bool = False) -> torch.Tensor:
+    """Codes as float32, grouped [out, n_group, group_size]. One temporary (none with inplace,
+    for a float32 w the caller gives up), updated in place: for a 28672 x 7168 weight every
+    extra temporary is 0.8 GB of float32 traffic."""
     g = w.reshape(w.shape[0], scales.shape[1], -1)
-    q = g / scales[..., None].float()  # float32 division, w promoted element by element
+    if inplace and w.dtype == torch.float32:
+        q = g.div_(scales[..., None])
+    else:
+        q = g / scales[..., None].float()  # float32 division, w promoted element by element
     return q.round_().add_(zeros[..., None]).clamp_(0, 2**w_bit - 1)
 
 
 def quantize(
-    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, w_bit: int
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, w_bit: int, inplace: bool = False
 ) -> torch.Tensor:
-    """Integer codes [out, in] (uint8) of w for the given per-group scales and zeros."""
-    return _float_codes(w, scales, zeros, w_bit).reshape(w.shape).to(torch.uint8)
+    """Integer codes [out, in] (uint8) of w for the given per-group scales and zeros; with
+    inplace, a float32 w is overwritten on the way."""
+    return _float_codes(w, scales, zeros, w_bit, inplace).reshape(w.shape).to(torch.uint8)
 
 
 def dequantize(

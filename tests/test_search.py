@@ -18,6 +18,7 @@ from streamq.search import (
     search_clip,
     search_scale,
 )
+from streamq.pack import dequantize_gemm
 from streamq.quant import pseudo_quantize
 
 from helpers import rechunk, setup_model
@@ -32,14 +33,16 @@ def block_error(block, ref_block, x_chunks, kwargs):
 
 
 def fake_quantized(block, family, config, x_chunks, kwargs, qcfg):
-    """The block as the checkpoint computes it: search applied, linears pseudo-quantized."""
+    """The block as the checkpoint computes it: the tensors written for it, packed linears
+    dequantized (W = (q - z) s in fp16), loaded back into a copy of the block."""
     block = copy.deepcopy(block)
     feats, _ = capture(block, x_chunks, kwargs, set(input_source(block, family, config).values()))
-    search_block(block, family, config, feats, kwargs, qcfg)
+    tensors = output_tensors(block, search_block(block, family, config, feats, kwargs, qcfg), qcfg)
     with torch.no_grad():
         for name in linear_names(block):
-            lin = block.get_submodule(name)
-            lin.weight.data = pseudo_quantize(lin.weight.data, qcfg.w_bit, qcfg.group_size, qcfg.zero_point)
+            t = [tensors.pop(f"{name}.{k}") for k in ("qweight", "qzeros", "scales")]
+            block.get_submodule(name).weight.data = dequantize_gemm(*t).float()
+        block.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     return block
 
 
