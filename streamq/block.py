@@ -23,8 +23,7 @@ from .search import (
     ClipRecord,
     ScaleRecord,
     act_scale,
-    apply_clip,
-    apply_scale,
+    check_foldable,
     fixed_scale,
     keep_salient_quantize,
     micro_batches,
@@ -132,22 +131,6 @@ def folded_tensors(block: nn.Module, records: BlockRecords) -> dict[str, torch.T
     return out
 
 
-def check_foldable(block: nn.Module, records: BlockRecords) -> None:
-    for record in records.scales:
-        prev = block.get_submodule(record.prev_op)
-        if not isinstance(prev, nn.Linear) and (getattr(prev, "weight", None) is None or prev.weight.dim() != 1):
-            raise ValueError(f"cannot fold scales into {record.prev_op} ({type(prev).__name__})")
-
-
-def apply_records(block: nn.Module, records: BlockRecords) -> None:
-    """Replay a block's scales and clips on it in place (in its own dtype): what the checkpoint
-    holds before quantization, for tests and inspection."""
-    for record in records.scales:
-        apply_scale(block, record)
-    for record in records.clips:
-        apply_clip(block, record)
-
-
 @torch.no_grad()
 def search_block(
     block: nn.Module,
@@ -183,7 +166,8 @@ def search_block(
             else:
                 scales, losses = fixed_scale(x_mean, qcfg.salient_frac), []
             records.scales.append(ScaleRecord(group.prev_op, group.linears, scales, losses))
-        check_foldable(block, records)
+        for record in records.scales:
+            check_foldable(block, record)
     if qcfg.mode == "awq" and qcfg.clip:
         scale_of = {n: r.scales for r in records.scales for n in r.linears}
         for name in linear_names(block):
@@ -235,10 +219,8 @@ def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig) -
             continue
         w = folded_weight(block, name, records)
         if name in clip_of:
-            g = w.view(w.shape[0], clip_of[name].shape[1], -1)
             max_val = clip_of[name].to(device=w.device, dtype=w.dtype)[..., None]
-            torch.minimum(g, max_val, out=g)
-            torch.maximum(g, -max_val, out=g)
+            w.view(w.shape[0], max_val.shape[1], -1).clamp_(-max_val, max_val)  # as apply_clip, in place
         scales, zeros = quant_params(w, qcfg.w_bit, qcfg.group_size, qcfg.zero_point)
         codes = quantize(w, scales, zeros, qcfg.w_bit, inplace=True)
         del w

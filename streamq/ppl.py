@@ -128,12 +128,6 @@ def awq_bits(hf_config: Any) -> int | None:
     return int(qc["bits"])
 
 
-def eval_dtype(device: torch.device, reader: ShardReader, bits: int | None, requested: str = "auto") -> torch.dtype:
-    """As models.compute_dtype: float32 on CPU, on GPU the checkpoint's own half precision
-    (bf16 models stay bf16; AWQ kernels compute in fp16); an explicit dtype anywhere."""
-    return compute_dtype(device, requested, None if bits else reader.float_dtype())
-
-
 def block_state(reader: ShardReader, prefix: str, device: torch.device,
                 dequantize: Callable[..., torch.Tensor] = dequantize_gemm) -> dict[str, torch.Tensor]:
     """One block's tensors by name relative to the block; packed linears (qweight, qzeros,
@@ -202,7 +196,8 @@ def perplexity(
     family = detect(hf_config)
     bits = awq_bits(hf_config)
     dev = resolve_device(device)
-    dtype = eval_dtype(dev, reader, bits, compute)
+    # as a run: float32 on CPU, the checkpoint's half precision on GPU (AWQ computes in fp16)
+    dtype = compute_dtype(dev, compute, None if bits else reader.float_dtype())
     if seqlen > getattr(hf_config, "max_position_embeddings", seqlen):
         raise SettingsError(f"--seqlen {seqlen} is longer than the model's {hf_config.max_position_embeddings} "
                             "positions")

@@ -267,18 +267,24 @@ def search_clip(weight: torch.Tensor, x_tok: torch.Tensor, qcfg: QuantConfig) ->
     return torch.cat(best)
 
 
+def check_foldable(block: nn.Module, record: ScaleRecord) -> None:
+    """The previous op must absorb 1/s: a linear (its rows) or an affine norm (its weight)."""
+    prev = block.get_submodule(record.prev_op)
+    if not isinstance(prev, nn.Linear) and (getattr(prev, "weight", None) is None or prev.weight.dim() != 1):
+        raise ValueError(f"cannot fold scales into {record.prev_op} ({type(prev).__name__})")
+
+
 @torch.no_grad()
 def apply_scale(block: nn.Module, record: ScaleRecord) -> None:
     """Fold s into the previous op (its output divided by s) and the linears (inputs * s)."""
+    check_foldable(block, record)
     prev = block.get_submodule(record.prev_op)
     device, dtype = prev.weight.device, prev.weight.dtype
     s = record.scales.to(device=device, dtype=dtype)
     if isinstance(prev, nn.Linear):
         prev.weight.div_(s.view(-1, 1))
-    elif prev.weight is not None and prev.weight.dim() == 1:  # LayerNorm / RMSNorm affine
+    else:  # LayerNorm / RMSNorm affine
         prev.weight.div_(s)
-    else:
-        raise ValueError(f"cannot fold scales into {record.prev_op} ({type(prev).__name__})")
     if getattr(prev, "bias", None) is not None:
         prev.bias.div_(s)
     for name in record.linears:

@@ -48,6 +48,11 @@ def setup_model(model_dir: Path, n_samples: int = 8, seqlen: int = 64, chunk: in
     return Setup(model, family, model.config, layers, x, kwargs)
 
 
+def checkpoint_bytes(out: Path) -> dict[str, bytes]:
+    """Every file of an output directory but streamq.json (which records timings)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != "streamq.json"}
+
+
 def rechunk(chunks: list[torch.Tensor], size: int) -> list[torch.Tensor]:
     return list(torch.cat(chunks).split(size))
 

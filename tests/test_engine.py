@@ -9,7 +9,7 @@ from streamq import engine, reference
 from streamq.config import CalibConfig, QuantConfig
 from streamq.errors import SettingsError
 
-from helpers import DEVICES
+from helpers import DEVICES, checkpoint_bytes
 
 CALIB = CalibConfig(n_samples=6, seqlen=64)
 
@@ -20,10 +20,6 @@ def calib_for(name, tmp_path):
     ids = tmp_path / "ids.npy"  # this model has no tokenizer
     np.save(ids, np.random.default_rng(1).integers(2, 512, 5_000))
     return CalibConfig(source=str(ids), n_samples=6, seqlen=64)
-
-
-def checkpoint_bytes(out):
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != "streamq.json"}
 
 
 @pytest.mark.parametrize("device", DEVICES)

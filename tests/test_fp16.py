@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from dequant import dequantize_checkpoint
-from helpers import rechunk, setup_model
+from helpers import checkpoint_bytes, rechunk, setup_model
 from make_tiny_model import make_tiny
 from streamq import engine, reference
 from streamq.block import capture, check_storable
@@ -149,8 +149,7 @@ def test_engine_equals_reference_in_float16(outlier_opt, outlier_runs, tmp_path)
                               max_gpu_mem=minimum)
     assert summary.plan.chunk_samples == 1
     ref = outlier_runs["float16"][1]
-    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and p.name != "streamq.json"}
-    assert files(tmp_path / "s") == files(ref)
+    assert checkpoint_bytes(tmp_path / "s") == checkpoint_bytes(ref)
     assert json.loads((tmp_path / "s" / "streamq.json").read_text())["compute_dtype"] == "float16"
 
 
@@ -161,8 +160,7 @@ def test_a_bf16_checkpoint_quantizes_in_bfloat16(tmp_path):
     assert ShardReader(src).float_dtype() == torch.bfloat16
     ref = reference.quantize(src, tmp_path / "ref", calib=CALIB, device="cpu", compute="bfloat16")
     engine.quantize(src, tmp_path / "eng", calib=CALIB, device="cpu", compute="bfloat16")
-    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and p.name != "streamq.json"}
-    assert files(tmp_path / "eng") == files(tmp_path / "ref")
+    assert checkpoint_bytes(tmp_path / "eng") == checkpoint_bytes(tmp_path / "ref")
     assert all(torch.isfinite(r.scales).all() for rec in ref.records for r in rec.scales)
     stored = {k: v for f in (tmp_path / "eng").glob("model-*.safetensors") for k, v in load_file(f).items()}
     assert {v.dtype for k, v in stored.items() if k.endswith((".scales", "norm.weight"))} == {torch.float16}
@@ -209,8 +207,7 @@ def test_compute_dtype_is_recorded_and_kept_by_resume(tiny_models, tmp_path):
     resumed = run("resume", tmp_path / "cut", "--device", "cpu")
     assert resumed.returncode == 0 and "streamq: warning" not in resumed.stderr, resumed.stderr
     assert "computing in float16" in resumed.stderr
-    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and p.name != "streamq.json"}
-    assert files(tmp_path / "cut") == files(tmp_path / "whole")
+    assert checkpoint_bytes(tmp_path / "cut") == checkpoint_bytes(tmp_path / "whole")
 
 
 def smollm2_dir() -> Path | None:
