@@ -47,7 +47,7 @@ STAGES = (
     Stage("env", False, 90, 60),
     Stage("build", True, 240, 0),
     Stage("gpu-tests", True, 150, 0),
-    Stage("kernels-run", True, 120, 0)  # four runs of ~15 s each (H200), mostly start-up,
+    Stage("kernels-run", True, 120, 0),  # four runs of ~15 s each (H200), mostly start-up
     Stage("ppl", False, 60, 120),
     Stage("wide-opt-30b", False, 170, 120),
     Stage("bench-kernels", True, 90, 0),
