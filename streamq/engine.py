@@ -19,11 +19,12 @@ from . import faults
 from .block import check_shapes, check_storable, input_source, quantize_block
 from .budget import BlockShape, Plan, forward_samples, plan_block
 from .calib import cut_blocks, load_tokens, tokens_digest
-from .checkpoint import write_metadata, write_non_block_tensors
+from .checkpoint import check_non_block_tensors, write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
 from .errors import InterruptedRun, ResumeError
 from .families import Family, build_block, detect
 from .families.base import meta_block
+from .formats import Format, by_name, settle
 from .journal import Journal
 from .kernels import Ops
 from .kernels import select as select_kernels
@@ -66,6 +67,7 @@ class Run:
     shard_bytes: int
     ops: Ops
     kernels_note: str
+    fmt: Format
 
     @property
     def store(self) -> torch.device:
@@ -99,13 +101,15 @@ def plan(model_dir: str | Path, qcfg: QuantConfig = QuantConfig(), calib: CalibC
 
 
 def _prepare(model_dir: Path, out_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str,
-             max_gpu_mem: int | None, shard_bytes: int, kernels: str, dtype_request: str) -> Run:
+             max_gpu_mem: int | None, shard_bytes: int, kernels: str, dtype_request: str, fmt: Format) -> Run:
     """Read and check everything that can be checked before any output is written."""
     reader, hf_config, family, dev, dtype, the_plan, max_gpu_mem = _setup(model_dir, qcfg, calib, device,
                                                                           max_gpu_mem, dtype_request)
+    qcfg = settle(fmt, qcfg, reader.float_dtype())
+    check_non_block_tensors(reader, family, qcfg.storage_torch_dtype)
     ops, note = select_kernels(kernels, dev, dtype)
     return Run(model_dir, out_dir, reader, hf_config, family, qcfg, calib, dev, dtype, the_plan,
-               max_gpu_mem, shard_bytes, ops, note)
+               max_gpu_mem, shard_bytes, ops, note, fmt)
 
 
 def _calibration_ids(run: Run) -> torch.Tensor:
@@ -133,17 +137,19 @@ def quantize(
     on_block: OnBlock | None = None,
     kernels: str = "auto",
     compute: str = "auto",
+    format: str = "awq",
 ) -> Summary:
     """Quantize model_dir into out_dir, streaming one block at a time; `kernels` (auto, torch,
     cuda) picks what runs the search's hot loops, `compute` the compute dtype (auto, float16,
-    bfloat16, float32)."""
+    bfloat16, float32), `format` the output format (awq, compressed-tensors)."""
     start = time.time()
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
+    fmt = by_name(format)
     check_output_dir(out_dir, overwrite)
-    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes, kernels, compute)
+    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes, kernels, compute, fmt)
     ids = _calibration_ids(run)
     prepare_output_dir(out_dir, overwrite)
-    settings = {"model_dir": str(model_dir), "quant": qcfg.to_json(), "calib": calib.to_json(),
+    settings = {"model_dir": str(model_dir), "quant": run.qcfg.to_json(), "format": fmt.name, "calib": calib.to_json(),
                 "shard_bytes": shard_bytes, "fingerprint": run.reader.fingerprint(),
                 "tokens_sha256": tokens_digest(ids), "compute_dtype": str(run.dtype), "compute_dtype_requested": compute,
                 "forward_samples": run.plan.forward_samples, "kernels": run.ops.name}
@@ -171,7 +177,8 @@ def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = 
         raise ResumeError(f"the source model {model_dir} recorded in the journal is gone")
     qcfg, calib = QuantConfig.from_json(settings["quant"]), CalibConfig(**settings["calib"])
     compute = compute or settings.get("compute_dtype_requested", "auto")
-    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, settings["shard_bytes"], kernels, compute)
+    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, settings["shard_bytes"], kernels, compute,
+                   by_name(settings.get("format", "awq")))
     if run.reader.fingerprint() != settings["fingerprint"]:
         raise ResumeError(f"the source model {model_dir} changed since the run started "
                           "(shard headers or sizes differ); start over with --overwrite")
@@ -245,7 +252,7 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
             run.reader.release()
             faults.point(f"block{i}:search")
             records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, run.qcfg,
-                                                        run.store, run.ops, run.plan.forward_samples)
+                                                        run.store, run.ops, run.plan.forward_samples, run.fmt)
             check_storable(tensors, prefix)
             for name, t in tensors.items():
                 writer.add(prefix + name, t)
@@ -263,11 +270,11 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
                 raise InterruptedRun(f"stopped by {signal.Signals(stop.signum).name} after block {i + 1} of "
                                      f"{n_layers}; continue with: streamq resume {run.out_dir}")
     del x_chunks
-    write_non_block_tensors(run.reader, family, writer)
+    write_non_block_tensors(run.reader, family, writer, run.qcfg.storage_torch_dtype)
     writer.finish()
     settings = journal.state["settings"]
     write_metadata(run.out_dir, run.model_dir, family, hf_config, run.qcfg, run.calib, settings["tokens_sha256"],
-                   settings["fingerprint"], extra={"engine": "stream", "device": str(dev), "kernels": run.ops.name,
+                   settings["fingerprint"], run.fmt, extra={"engine": "stream", "device": str(dev), "kernels": run.ops.name,
                                                    "compute_dtype": dtype_name(run.dtype),
                                                    "max_gpu_mem": run.max_gpu_mem, "plan": run.plan.to_json(),
                                                    "blocks": summary.blocks})

@@ -19,7 +19,7 @@ import torch
 
 from .config import QuantConfig
 from .errors import SettingsError, StreamqError
-from .pack import dequantize_gemm, pack_gemm
+from .formats.awq import dequantize_gemm, pack_gemm
 from .quant import pseudo_quantize
 from .search import scaled_pseudo_quantize, search_clip
 
@@ -60,13 +60,17 @@ def build(verbose: bool = False) -> Any:
 
 
 def cuda_ops(ext: Any) -> Ops:
+    # the kernels round scales to fp16 (the AWQ format's); bf16 scales (compressed-tensors output
+    # of a bf16 model) take the PyTorch path, which rounds them as the format stores them
     def scaled(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
+        if qcfg.storage_dtype != "float16":
+            return scaled_pseudo_quantize(w, s, qcfg)
         return ext.scaled_pseudo_quantize(w.contiguous(), s.contiguous(), qcfg.w_bit, qcfg.group_size,
                                           qcfg.zero_point)
 
     def clip(weight: torch.Tensor, x_tok: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
         gs = qcfg.group_size
-        if gs % 32 or gs > CLIP_MAX_GROUP:
+        if gs % 32 or gs > CLIP_MAX_GROUP or qcfg.storage_dtype != "float16":
             return search_clip(weight, x_tok, qcfg)
         n_group = weight.shape[1] // gs
         # the inputs as the reference sees them (in the weight's dtype), then their Gram matrix
@@ -96,7 +100,8 @@ def clip_error(w: torch.Tensor, x: torch.Tensor, max_val: torch.Tensor, qcfg: Qu
     w = w.float()
     wg = w.reshape(w.shape[0], -1, gs)
     m = max_val.to(device=w.device, dtype=w.dtype)[..., None]
-    q = pseudo_quantize(torch.clamp(wg, -m, m).reshape(w.shape), qcfg.w_bit, gs, qcfg.zero_point)
+    q = pseudo_quantize(torch.clamp(wg, -m, m).reshape(w.shape), qcfg.w_bit, gs, qcfg.zero_point,
+                        qcfg.storage_torch_dtype)
     e = (q.double() - w.double()).cpu().reshape(w.shape[0], -1, gs)
     xg = x.double().cpu().reshape(x.shape[0], -1, gs)
     return torch.einsum("tgk,ogk->tog", xg, e).pow(2).mean(dim=0)

@@ -22,14 +22,15 @@ from torch import nn
 
 from .budget import format_bytes
 from .calib import read_ids, read_text
-from .errors import CalibrationError, SettingsError, UnsupportedModelError
+from .errors import CalibrationError, SettingsError
 from .families import Family, build_block, detect
 from .families.base import meta_block
 from .kernels import TORCH
 from .kernels import select as select_kernels
 from .memory import peak_device, peak_rss, reset_peaks
 from .models import compute_dtype, dtype_name, load_config, load_tokenizer, resolve_device
-from .pack import dequantize_gemm
+from .formats import Format, dequantize, linear_tensors, reading
+from .kernels import Ops
 from .search import run_module
 from .shards import ShardReader
 
@@ -49,7 +50,7 @@ class PplResult:
     model_dir: str
     data: str
     data_tokens: int
-    weights: str  # "fp16", "bf16", ... or "awq-int4" / "awq-int3" (dequantized on the device)
+    weights: str  # "fp16", "bf16", ... or "awq-int4", "compressed-tensors-int3", ... (dequantized on the device)
     device: str
     compute_dtype: str
     chunk_segments: int
@@ -115,32 +116,24 @@ class HiddenStore:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def awq_bits(hf_config: Any) -> int | None:
-    """Bits of an AWQ GEMM checkpoint, None for plain weights; other formats are refused."""
-    qc = getattr(hf_config, "quantization_config", None)
-    if qc is None:
-        return None
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    method, version = qc.get("quant_method"), str(qc.get("version", "gemm")).lower()
-    if method != "awq" or version != "gemm":
-        raise UnsupportedModelError(f"cannot evaluate quantization_config {method!r} version {version!r}; "
-                                    "streamq reads plain fp16/bf16/fp32 checkpoints and AWQ GEMM checkpoints")
-    return int(qc["bits"])
-
-
 def block_state(reader: ShardReader, prefix: str, device: torch.device,
-                dequantize: Callable[..., torch.Tensor] = dequantize_gemm) -> dict[str, torch.Tensor]:
-    """One block's tensors by name relative to the block; packed linears (qweight, qzeros,
-    scales) become fp16 `weight`s, dequantized on `device` (by the PyTorch path or a kernel)."""
+                packed: tuple[Format, int] | None = None, ops: Ops = TORCH) -> dict[str, torch.Tensor]:
+    """One block's tensors by name relative to the block; the packed linears of a quantized
+    checkpoint (`packed`: its format and bits) become `weight`s, dequantized on `device` as a
+    loader computes them (by the format's kernel where the run has one)."""
     raw = reader.with_prefix(prefix)
-    state = {}
-    for name, t in raw.items():
-        if name.endswith(".qweight"):
-            base = name[: -len(".qweight")]
-            state[base + ".weight"] = dequantize(t.to(device), raw[base + ".qzeros"].to(device),
-                                                 raw[base + ".scales"].to(device))
-        elif not name.endswith((".qzeros", ".scales")):
-            state[name] = t
+    if packed is None:
+        return dict(raw)
+    fmt, bits = packed
+    linears = linear_tensors(fmt, list(raw))
+    consumed = {name for names in linears.values() for name in names.values()}
+    state = {name: t for name, t in raw.items() if name not in consumed}
+    for base, names in linears.items():
+        tensors = {suffix: raw[name].to(device) for suffix, name in names.items()}
+        if fmt.kernel_dequantize is not None:
+            state[base + ".weight"] = fmt.kernel_dequantize(tensors, ops)
+        else:
+            state[base + ".weight"] = dequantize(fmt, tensors, bits)
     return state
 
 
@@ -186,7 +179,7 @@ def perplexity(
     kernels: str = "auto",
     compute: str = "auto",
 ) -> PplResult:
-    """Perplexity of the checkpoint in model_dir (plain or AWQ GEMM) on the text in `data`."""
+    """Perplexity of the checkpoint in model_dir (plain, or one of streamq's formats) on the text in `data`."""
     start = time.time()
     model_dir, data = Path(model_dir).resolve(), Path(data)
     if seqlen < 2:
@@ -194,10 +187,11 @@ def perplexity(
     reader = ShardReader(model_dir)
     hf_config = load_config(model_dir)
     family = detect(hf_config)
-    bits = awq_bits(hf_config)
+    found = reading(hf_config)
+    packed = (found[0], found[1]["w_bit"]) if found else None
     dev = resolve_device(device)
-    # as a run: float32 on CPU, the checkpoint's half precision on GPU (AWQ computes in fp16)
-    dtype = compute_dtype(dev, compute, None if bits else reader.float_dtype())
+    # as a run: float32 on CPU, the checkpoint's half precision on GPU (an AWQ checkpoint's is fp16)
+    dtype = compute_dtype(dev, compute, reader.float_dtype())
     if seqlen > getattr(hf_config, "max_position_embeddings", seqlen):
         raise SettingsError(f"--seqlen {seqlen} is longer than the model's {hf_config.max_position_embeddings} "
                             "positions")
@@ -215,7 +209,7 @@ def perplexity(
 
         host_mem = psutil.virtual_memory().available // 2
     # kernels matter only for a quantized checkpoint: dequantization is their one use here
-    ops = select_kernels(kernels, dev, dtype)[0] if bits else TORCH
+    ops = select_kernels(kernels, dev, dtype)[0] if packed else TORCH
     reset_peaks(dev)
     store = HiddenStore((n, seqlen, hf_config.hidden_size), dtype, host_mem, Path(workdir) if workdir else None)
     try:
@@ -227,7 +221,7 @@ def perplexity(
         if on_block:
             on_block(0, n_layers)
         for i in range(n_layers):
-            block = build_block(hf_config, i, block_state(reader, family.block_prefix(i), dev, ops.dequantize_gemm),
+            block = build_block(hf_config, i, block_state(reader, family.block_prefix(i), dev, packed, ops),
                                 dev, dtype)
             reader.release()
             for lo in range(0, n, chunk):
@@ -245,7 +239,7 @@ def perplexity(
     return PplResult(
         ppl=math.exp(nll / tokens), mean_nll=nll / tokens, tokens=tokens, segments=n, seqlen=seqlen,
         dropped_tokens=ids.numel() - n * seqlen, model_dir=str(model_dir), data=str(data),
-        data_tokens=ids.numel(), weights=f"awq-int{bits}" if bits else str(_stored_dtype(reader)),
+        data_tokens=ids.numel(), weights=f"{packed[0].name}-int{packed[1]}" if packed else _stored_dtype(reader),
         device=str(dev), compute_dtype=dtype_name(dtype), chunk_segments=chunk,
         hidden_storage="disk" if on_disk else "host", seconds=time.time() - start,
         peak_rss_bytes=peak_rss(), peak_gpu_bytes=peak_device(dev), kernels=ops.name,

@@ -1,7 +1,8 @@
 """Group-wise integer quantization (AWQ's min/max quantizer): pure functions of tensors.
 
 Weights are nn.Linear layout [out, in]; groups run along `in`. Scales are rounded to the
-storage dtype (fp16) before codes are computed, so the codes, zeros and scales written to
+dtype the output format stores them in (fp16; compressed-tensors: the source's bf16) before
+codes are computed, so the codes, zeros and scales written to
 disk reproduce exactly the pseudo-quantized weights the search evaluated. The arithmetic is
 float32 whatever the weights' dtype (fp16 and bf16 values are exact there): a division held
 in fp16 (relative error 5e-4) moves codes near a rounding boundary to the wrong side, which
@@ -29,7 +30,7 @@ def check_group_size(in_features: int, group_size: int, where: str) -> None:
 
 
 def quant_params(
-    w: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True
+    w: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True, scale_dtype: torch.dtype = STORAGE_DTYPE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (scale, zero) of w [out, in]; both [out, in // group_size], float32.
 
@@ -43,11 +44,11 @@ def quant_params(
     if zero_point:
         max_val = g.amax(dim=-1).float()
         min_val = g.amin(dim=-1).float()
-        scales = ((max_val - min_val).clamp(min=1e-5) / max_int).to(STORAGE_DTYPE).float()
+        scales = ((max_val - min_val).clamp(min=1e-5) / max_int).to(scale_dtype).float()
         zeros = (-torch.round(min_val / scales)).clamp(0, max_int)
     else:
         max_val = g.abs().amax(dim=-1).float().clamp(min=1e-5)
-        scales = (max_val / (2 ** (w_bit - 1) - 1)).to(STORAGE_DTYPE).float()
+        scales = (max_val / (2 ** (w_bit - 1) - 1)).to(scale_dtype).float()
         zeros = torch.full_like(scales, 2 ** (w_bit - 1))
     return scales, zeros
 
@@ -85,10 +86,10 @@ def dequantize(
 
 
 def pseudo_quantize(
-    w: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True
+    w: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True, scale_dtype: torch.dtype = STORAGE_DTYPE
 ) -> torch.Tensor:
     """Quantize-dequantize w (float32 arithmetic, the result in w's dtype): the weights a
     quantized model computes with."""
-    scales, zeros = quant_params(w, w_bit, group_size, zero_point)
+    scales, zeros = quant_params(w, w_bit, group_size, zero_point, scale_dtype)
     q = _float_codes(w, scales, zeros, w_bit)
     return q.sub_(zeros[..., None]).mul_(scales[..., None]).reshape(w.shape).to(w.dtype)

@@ -17,6 +17,7 @@ from .calib import cut_blocks, load_tokens, tokens_digest
 from .checkpoint import write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
 from .families import detect
+from .formats import by_name, settle
 from .kernels import select as select_kernels
 from .models import check_output_dir, compute_dtype, load_tokenizer, prepare_output_dir, resolve_device
 from .shards import ShardReader
@@ -68,6 +69,7 @@ def quantize(
     on_block: Callable[[int, int], None] | None = None,
     kernels: str = "auto",
     compute: str = "auto",
+    format: str = "awq",
 ) -> Result:
     """Quantize model_dir into out_dir holding the whole model in memory. Device, compute
     dtype, kernels and forward-pass size resolve as in the engine, so both run the same ops."""
@@ -78,6 +80,8 @@ def quantize(
     family = detect(hf_config)
     dev = resolve_device(device)
     dtype = compute_dtype(dev, compute, reader.float_dtype())
+    fmt = by_name(format)
+    qcfg = settle(fmt, qcfg, reader.float_dtype())
     ops = select_kernels(kernels, dev, dtype)[0]
     micro = forward_samples(dev)
     ids = cut_blocks(load_tokens(calib, load_tokenizer(model_dir)), calib, hf_config.vocab_size)
@@ -98,15 +102,15 @@ def quantize(
         on_block(0, len(layers))
     for i, block in enumerate(layers):
         records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, qcfg, ops=ops,
-                                                    micro=micro)
+                                                    micro=micro, fmt=fmt)
         check_storable(tensors, family.block_prefix(i))
         for name, t in tensors.items():
             writer.add(family.block_prefix(i) + name, t)
         all_records.append(records)
         if on_block:
             on_block(i + 1, len(layers))
-    write_non_block_tensors(reader, family, writer)
+    write_non_block_tensors(reader, family, writer, qcfg.storage_torch_dtype)
     writer.finish()
     write_metadata(out_dir, model_dir, family, hf_config, qcfg, calib, tokens_digest(ids),
-                   reader.fingerprint(), extra={"engine": "reference"})
+                   reader.fingerprint(), fmt, extra={"engine": "reference"})
     return Result(all_records, ids)

@@ -85,7 +85,7 @@ def _per_sample_sse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def scaled_pseudo_quantize(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
     """Q(w * s) / s: the weights a scale-search candidate s computes with."""
-    return pseudo_quantize(w * s, qcfg.w_bit, qcfg.group_size, qcfg.zero_point).div_(s)
+    return pseudo_quantize(w * s, qcfg.w_bit, qcfg.group_size, qcfg.zero_point, qcfg.storage_torch_dtype).div_(s)
 
 
 def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: int) -> list[torch.Tensor]:
@@ -258,7 +258,7 @@ def search_clip(weight: torch.Tensor, x_tok: torch.Tensor, qcfg: QuantConfig) ->
         for i in range(int(qcfg.max_shrink * qcfg.n_grid)):
             max_val = org_max * (1 - i / qcfg.n_grid)
             clipped = torch.clamp(wg, -max_val[..., None], max_val[..., None]).reshape(w.shape)
-            e = pseudo_quantize(clipped, qcfg.w_bit, gs, qcfg.zero_point).reshape(wg.shape) - wg
+            e = pseudo_quantize(clipped, qcfg.w_bit, gs, qcfg.zero_point, qcfg.storage_torch_dtype).reshape(wg.shape) - wg
             err = torch.bmm(x, e.permute(1, 2, 0)).pow_(2).mean(dim=1).t()  # [b, G]
             better = err < min_err
             min_err = torch.where(better, err, min_err)
@@ -307,7 +307,7 @@ def keep_salient_quantize(
     pseudo-quantized with group ranges computed as if the salient weights were zero."""
     masked = w.clone()
     masked[:, salient] = 0
-    scales, zeros = quant_params(masked, qcfg.w_bit, qcfg.group_size, qcfg.zero_point)
+    scales, zeros = quant_params(masked, qcfg.w_bit, qcfg.group_size, qcfg.zero_point, qcfg.storage_torch_dtype)
     out = dequantize(quantize(masked, scales, zeros, qcfg.w_bit), scales, zeros, w.dtype)
     out[:, salient] = w[:, salient]
     return out

@@ -119,6 +119,10 @@ class ShardReader:
     def names(self) -> list[str]:
         return sorted(self.files)
 
+    def dtype(self, name: str) -> torch.dtype | None:
+        """A tensor's dtype from its shard's header (None for a non-float one); nothing read."""
+        return _FLOAT_DTYPES.get(self.headers[self.files[name]][name]["dtype"])
+
     def shards(self) -> list[Path]:
         return sorted(set(self.files.values()))
 

@@ -20,7 +20,7 @@ from streamq.block import capture, input_source, search_block
 from streamq.cli import app
 from streamq.config import CalibConfig, QuantConfig
 from streamq.errors import SettingsError
-from streamq.pack import pack_gemm
+from streamq.formats.awq import pack_gemm
 
 CPU = torch.device("cpu")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from streamq.pack import AWQ_ORDER, pack_gemm, pack_linear, unpack_gemm
+from streamq.formats.awq import AWQ_ORDER, pack_gemm, pack_linear, unpack_gemm
 
 
 def test_nibble_order_of_one_word():

@@ -18,7 +18,7 @@ from streamq.search import (
     search_clip,
     search_scale,
 )
-from streamq.pack import dequantize_gemm
+from streamq.formats.awq import dequantize_gemm
 from streamq.quant import pseudo_quantize
 
 from helpers import rechunk, setup_model

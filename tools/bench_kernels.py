@@ -16,7 +16,7 @@ import torch
 
 from streamq import kernels
 from streamq.config import QuantConfig
-from streamq.pack import pack_linear
+from streamq.formats.awq import pack_linear
 from streamq.quant import quant_params, quantize
 
 # (hidden, ffn) and the linears of one block: name -> (out, in)

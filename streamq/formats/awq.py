@@ -1,4 +1,4 @@
-"""Packing of integer codes into the AutoAWQ "GEMM" layout (what transformers and vLLM load).
+"""The AutoAWQ "GEMM" format (vLLM's `awq` / `awq_marlin`; transformers through gptqmodel).
 
 qweight int32 [in, out/8]: nibble i (bits 4i..4i+3) of int32 column c holds output column
 8c + AWQ_ORDER[i]; qzeros int32 [in/g, out/8] is packed the same way; scales fp16 [in/g, out].
@@ -9,6 +9,9 @@ computes exactly (q - z) * s, so the only thing that differs from INT4 is `bits`
 from __future__ import annotations
 
 import torch
+
+from ..config import QuantConfig
+from .base import Format, Unpacked
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _SLOT_BITS = 4
@@ -64,3 +67,44 @@ def dequantize_gemm(
     # (q - z) has 5 significant bits and s 11: the float32 product is exact, then rounded once
     w = (q.reshape(z.shape[0], group, -1) - z[:, None]).to(torch.float32) * s[:, None]
     return w.reshape(q.shape).t().contiguous().to(storage)
+
+
+def _pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
+    return pack_linear(codes, scales, zeros)
+
+
+def _unpack(tensors: dict[str, torch.Tensor], bits: int) -> Unpacked:
+    codes = unpack_gemm(tensors["qweight"]).t()
+    zeros = unpack_gemm(tensors["qzeros"]).t()
+    return codes, tensors["scales"].t(), zeros
+
+
+def _quantization_config(qcfg: QuantConfig, ignore: list[str]) -> dict:
+    """zero_point is true even for --symmetric: symmetric codes are stored unsigned with the
+    constant zero 2^(bits-1), which the GEMM format expresses exactly."""
+    return {"quant_method": "awq", "bits": qcfg.w_bit, "group_size": qcfg.group_size, "zero_point": True,
+            "version": "gemm", "modules_to_not_convert": ignore}
+
+
+def _read_config(qc: dict) -> dict | None:
+    if qc.get("quant_method") != "awq":
+        return None
+    version = str(qc.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"AWQ version {version!r} (streamq reads the GEMM layout)")
+    return {"w_bit": int(qc["bits"]), "group_size": int(qc["group_size"]), "zero_point": bool(qc.get("zero_point", True))}
+
+
+AWQ = Format(
+    name="awq",
+    storage="awq-gemm",
+    marker="qweight",
+    suffixes=("qweight", "qzeros", "scales"),
+    pack=_pack,
+    unpack=_unpack,
+    quantization_config=_quantization_config,
+    read_config=_read_config,
+    storage_dtype=lambda source: torch.float16,  # the GEMM kernels take fp16 scales
+    max_bits=4,
+    kernel_dequantize=lambda t, ops: ops.dequantize_gemm(t["qweight"], t["qzeros"], t["scales"]),
+)
