@@ -49,6 +49,7 @@ STAGES = (
     Stage("gpu-tests", True, 150, 0),
     Stage("kernels-run", True, 120, 0),  # four runs of ~15 s each (H200), mostly start-up
     Stage("ppl", False, 60, 120),
+    Stage("formats", False, 90, 120),  # compressed-tensors output loaded by transformers on the device
     Stage("wide-opt-30b", False, 170, 120),
     Stage("bench-kernels", True, 90, 0),
     Stage("wide-llama-3-70b", False, 200, 120),
@@ -270,6 +271,64 @@ def stage_ppl(args, work: Path, log: Path, deadline: float) -> dict:
     return result
 
 
+def stage_formats(args, work: Path, log: Path, deadline: float) -> dict:
+    """streamq's compressed-tensors output of a tiny fp16 and a tiny bf16 LLaMA, quantized on the
+    check's device and loaded there by transformers with the compressed-tensors package: every
+    linear equals streamq's own dequantization, and the logits equal those of a dense model
+    holding those weights (run the same way)."""
+    import importlib.util
+
+    if importlib.util.find_spec("compressed_tensors") is None:
+        return {"ok": False, "error": "the compressed-tensors package is missing (carry its wheels: README)"}
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from streamq import engine
+    from streamq.config import CalibConfig
+    from streamq.formats import COMPRESSED_TENSORS, dequantize, linear_tensors
+    from streamq.shards import ShardReader
+
+    result: dict = {"ok": True}
+    for label, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        src = tiny_model(work, "llama")
+        if dtype == torch.bfloat16:
+            src_bf16 = work / "tiny-llama-bf16"
+            if not src_bf16.exists():
+                shutil.copytree(src, src_bf16)
+                for shard in src_bf16.glob("*.safetensors"):
+                    save_file({k: v.to(dtype) for k, v in load_file(shard).items()}, str(shard), metadata={"format": "pt"})
+            src = src_bf16
+        out = work / f"formats-{label}"
+        start = time.time()
+        engine.quantize(src, out, calib=CalibConfig(n_samples=8, seqlen=128), device=args.device, overwrite=True,
+                        format="compressed-tensors")
+        seconds = time.time() - start
+        reader = ShardReader(out)
+        ours = {base: dequantize(COMPRESSED_TENSORS, {k: reader.get(n) for k, n in names.items()}, 4)
+                for base, names in linear_tensors(COMPRESSED_TENSORS, reader.names()).items()}
+        try:
+            load = CompressedTensorsConfig(dequantize=True)
+        except TypeError:  # older transformers: the same through run_compressed
+            load = CompressedTensorsConfig(run_compressed=False)
+        model = AutoModelForCausalLM.from_pretrained(out, quantization_config=load, device_map=args.device).eval()
+        same = all(torch.equal(model.get_submodule(b).weight.data.cpu(), w) for b, w in ours.items())
+        twin = AutoModelForCausalLM.from_pretrained(src, dtype=model.dtype, device_map=args.device).eval()
+        for b, w in ours.items():
+            twin.get_submodule(b).weight.data = w.to(args.device)
+        for name, t in twin.named_parameters():  # norms and embeddings as written (scales folded in)
+            if name in reader.files:
+                t.data = reader.get(name).to(args.device, t.dtype)
+        ids = torch.randint(4, 512, (2, 64), generator=torch.Generator().manual_seed(0)).to(args.device)
+        with torch.no_grad():
+            diff = (model(input_ids=ids).logits.float() - twin(input_ids=ids).logits.float()).abs().max().item()
+        result[label] = {"quantize_seconds": round(seconds, 1), "model_dtype": str(model.dtype).replace("torch.", ""),
+                         "device": str(next(model.parameters()).device), "weights_equal": same,
+                         "max_logit_diff": diff, "linears": len(ours)}
+        result["ok"] &= same and diff == 0.0
+    return result
+
+
 def budget_bytes(spec: str, model: Path, n_samples: int, seqlen: int, device: str) -> int:
     """A --max-gpu-mem value in bytes; "min" is the smallest budget the planner accepts."""
     from streamq import engine
@@ -347,7 +406,7 @@ def stage_bench_kernels(args, work: Path, log: Path, deadline: float) -> dict:
 
 RUNNERS = {
     "env": stage_env, "build": stage_build, "gpu-tests": stage_gpu_tests, "kernels-run": stage_kernels_run,
-    "ppl": stage_ppl, "bench-kernels": stage_bench_kernels, "suite": stage_suite,
+    "ppl": stage_ppl, "formats": stage_formats, "bench-kernels": stage_bench_kernels, "suite": stage_suite,
     **{f"wide-{name}": stage_wide(name) for name in WIDE},
 }
 
@@ -394,6 +453,10 @@ def figures(name: str, r: dict) -> str:
     if name == "ppl":
         return "; ".join(f"{k}: {r[k]['cpu_float32']} (cpu fp32) vs {r[k]['check']} ({r[k]['check_device']} "
                          f"{r[k]['check_dtype']}), rel {r[k]['rel_diff']}" for k in ("fp16-weights", "awq-int4") if k in r)
+    if name == "formats":
+        return "; ".join(f"{k}: {r[k]['linears']} linears equal {r[k]['weights_equal']}, logit diff "
+                         f"{r[k]['max_logit_diff']:.3g} ({r[k]['model_dtype']} on {r[k]['device']})"
+                         for k in ("fp16", "bf16") if k in r)
     if name.startswith("wide-"):
         parts = []
         for label, run in r.get("runs", {}).items():
