@@ -309,3 +309,44 @@ def test_convert_errors_are_one_line(tiny_models, runs, tmp_path):
     assert ok.exit_code == 0 and "converted 12 linears" in ok.stdout
     with pytest.raises(InputError, match="holds no packed weights"):
         convert_mod.convert(tiny_models["llama"], tmp_path / "y", "awq")
+
+
+def test_int3_compressed_tensors_loads(tiny_models, tmp_path):
+    """INT3: 32 codes in three int32 words (elements straddle words); transformers reads them."""
+    out = tmp_path / "int3"
+    engine.quantize(tiny_models["llama"], out, QuantConfig(w_bit=3), CALIB, device="cpu", format="compressed-tensors")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == 3
+    assert stored(out)["model.layers.0.mlp.down_proj.weight_packed"].shape == (128, 256 * 3 // 32)
+    model = load_ct(out)
+    for base, w in our_weights(out, COMPRESSED_TENSORS).items():
+        assert torch.equal(model.get_submodule(base).weight.data, w), base
+
+
+@pytest.mark.slow
+def test_smollm2_compressed_tensors_loads_in_transformers(tmp_path):
+    """The real model: its compressed-tensors output, loaded by transformers, computes the logits
+    of a dense model holding streamq's dequantized weights; ppl is the same on the AWQ output."""
+    from test_fp16 import smollm2_dir
+
+    model_dir = smollm2_dir()
+    if model_dir is None:
+        pytest.skip("no SmolLM2 build: python tools/make_smollm2.py --out DIR, then STREAMQ_SMOLLM2=DIR")
+    from streamq.assets import cache_dir
+
+    calib_text, eval_path = cache_dir() / "calib-python-reference.txt", cache_dir() / "eval-docutils-docs.txt"
+    if not (calib_text.is_file() and eval_path.is_file()):
+        pytest.skip("no texts: python tools/make_texts.py --out $STREAMQ_CACHE")
+    out = tmp_path / "ct"
+    engine.quantize(model_dir, out, QuantConfig(group_size=64), CalibConfig(source=str(calib_text), n_samples=4,
+                    seqlen=128), device="cpu", format="compressed-tensors")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file()
+    model = load_ct(out)
+    from transformers import AutoModelForCausalLM
+
+    twin = AutoModelForCausalLM.from_pretrained(dense_twin(out, COMPRESSED_TENSORS, tmp_path / "twin")).eval()
+    assert torch.equal(logits(model, model.config.vocab_size), logits(twin, model.config.vocab_size))
+    convert_mod.convert(out, tmp_path / "awq", "awq")
+    ppl = [perplexity(p, eval_path, seqlen=512, max_segments=4, device="cpu").ppl for p in (out, tmp_path / "awq")]
+    assert ppl[0] == ppl[1]
