@@ -26,6 +26,7 @@ from .search import (
     act_scale,
     check_foldable,
     fixed_scale,
+    fold_into_prev,
     keep_salient_quantize,
     micro_batches,
     run_module,
@@ -107,11 +108,10 @@ def folded_weight(block: nn.Module, name: str, records: BlockRecords) -> torch.T
     SmolLM2 (docs/benchmarks.md)."""
     w = block.get_submodule(name).weight.data.to(torch.float32, copy=True)
     for record in records.scales:
-        s = record.scales.to(device=w.device, dtype=torch.float32)
         if record.prev_op == name:
-            w.div_(s.view(-1, 1))
+            fold_into_prev(w, "linear", record)
         if name in record.linears:
-            w.mul_(s.view(1, -1))
+            w.mul_(record.scales.to(device=w.device, dtype=torch.float32).view(1, -1))
     return w
 
 
@@ -127,7 +127,7 @@ def folded_tensors(block: nn.Module, records: BlockRecords) -> dict[str, torch.T
         t = t.to(torch.float32, copy=True)
         for record in records.scales:
             if record.prev_op == module and param in ("weight", "bias"):
-                t.div_(record.scales.to(device=t.device, dtype=torch.float32))
+                fold_into_prev(t, "bias" if param == "bias" else "norm", record)
         out[key] = t
     return out
 
@@ -166,7 +166,8 @@ def search_block(
                                               ops.scaled_pseudo_quantize, micro)
             else:
                 scales, losses = fixed_scale(x_mean, qcfg.salient_frac), []
-            records.scales.append(ScaleRecord(group.prev_op, group.linears, scales, losses))
+            records.scales.append(ScaleRecord(group.prev_op, group.linears, scales, losses, group.prev_rows,
+                                              family.norm_offset))
         for record in records.scales:
             check_foldable(block, record)
     if qcfg.mode == "awq" and qcfg.clip:

@@ -111,6 +111,9 @@ def write_metadata(
         "calib": {**calib.to_json(), "tokens_sha256": calib_digest},
         "source": {"path": str(model_dir.resolve()), "fingerprint": source_fingerprint, "files_copied": copied},
         "storage": storage,
+        "scale_groups": [f"{g.prev_op}{'[%d:%d]' % g.prev_rows if g.prev_rows else ''} -> {', '.join(g.linears)}"
+                         for g in family.scale_groups(hf_config)],
+        "skipped_scale_groups": family.skipped_groups(hf_config),
     }
     if keep1:
         info["storage_note"] = ("keep1 keeps 1% of input channels in full precision, which no loader stores "

@@ -238,9 +238,10 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
             start: float, on_block: OnBlock | None) -> Summary:
     family, hf_config, dev = run.family, run.hf_config, run.device
     n_layers = family.n_layers(hf_config)
-    kwargs = family.block_kwargs(hf_config, run.calib.seqlen, dev, run.dtype)
     summary = Summary(run.plan, run.qcfg, blocks=list(journal.state["blocks"]))
     print(f"streamq: {run.kernels_note}; computing in {dtype_name(run.dtype)}", file=sys.stderr)
+    for reason in family.skipped_groups(hf_config):
+        print(f"streamq: note: scale group skipped (cannot be folded exactly): {reason}", file=sys.stderr)
     if on_block:
         on_block(first, n_layers)
     with _stoppable() as stop:
@@ -250,6 +251,7 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
             prefix = family.block_prefix(i)
             block = build_block(hf_config, i, run.reader.with_prefix(prefix), dev, run.dtype)
             run.reader.release()
+            kwargs = family.block_kwargs(hf_config, run.calib.seqlen, dev, run.dtype, i)
             faults.point(f"block{i}:search")
             records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, run.qcfg,
                                                         run.store, run.ops, run.plan.forward_samples, run.fmt)

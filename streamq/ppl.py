@@ -217,13 +217,13 @@ def perplexity(
             store.data[lo: lo + chunk] = family.embed(reader.get, hf_config, segments[lo: lo + chunk], dev, dtype).cpu()
         reader.release()
         n_layers = family.n_layers(hf_config)
-        kwargs = family.block_kwargs(hf_config, seqlen, dev, dtype)
         if on_block:
             on_block(0, n_layers)
         for i in range(n_layers):
             block = build_block(hf_config, i, block_state(reader, family.block_prefix(i), dev, packed, ops),
                                 dev, dtype)
             reader.release()
+            kwargs = family.block_kwargs(hf_config, seqlen, dev, dtype, i)
             for lo in range(0, n, chunk):
                 x = store.data[lo: lo + chunk].to(dev)
                 store.data[lo: lo + chunk] = run_module(block, x, kwargs).cpu()
@@ -255,11 +255,15 @@ def _token_nll(reader: ShardReader, family: Family, hf_config: Any, hidden: torc
     lm_head = _lm_head_weight(reader, family).to(dev, dtype)
     reader.release()
     total = torch.zeros((), dtype=torch.float64)
+    cap = family.logit_softcap(hf_config)
     for lo in range(0, segments.shape[0], chunk):
         h = final(hidden[lo: lo + chunk, :-1].to(dev)).reshape(-1, lm_head.shape[1])
         target = segments[lo: lo + chunk, 1:].reshape(-1).to(dev)
         for r in range(0, h.shape[0], HEAD_ROWS):
-            logits = F.linear(h[r: r + HEAD_ROWS], lm_head).float()
+            logits = F.linear(h[r: r + HEAD_ROWS], lm_head)
+            if cap is not None:  # Gemma 2's final soft-capping, in the compute dtype as transformers does
+                logits = torch.tanh(logits / cap) * cap
+            logits = logits.float()
             total += F.cross_entropy(logits, target[r: r + HEAD_ROWS], reduction="sum").double().cpu()
     return float(total)
 

@@ -17,6 +17,7 @@ from .calib import cut_blocks, load_tokens, tokens_digest
 from .checkpoint import write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
 from .families import detect
+from .families.base import eager_only
 from .formats import by_name, settle
 from .kernels import select as select_kernels
 from .models import check_output_dir, compute_dtype, load_tokenizer, prepare_output_dir, resolve_device
@@ -87,7 +88,8 @@ def quantize(
     ids = cut_blocks(load_tokens(calib, load_tokenizer(model_dir)), calib, hf_config.vocab_size)
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    attn = "eager" if eager_only(hf_config) else "sdpa"  # as build_block: Gemma 2's soft-capped logits
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
     model = model.to(dev).eval()
     layers = model.get_submodule(family.layers_prefix)
     for i, block in enumerate(layers):
@@ -95,12 +97,12 @@ def quantize(
     prepare_output_dir(out_dir, overwrite)
 
     x_chunks = first_block_inputs(model, layers[0], ids, chunk_samples, dev)
-    kwargs = family.block_kwargs(model.config, calib.seqlen, dev, dtype)
     writer = ShardWriter(out_dir, shard_bytes)
     all_records = []
     if on_block:
         on_block(0, len(layers))
     for i, block in enumerate(layers):
+        kwargs = family.block_kwargs(model.config, calib.seqlen, dev, dtype, i)
         records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, qcfg, ops=ops,
                                                     micro=micro, fmt=fmt)
         check_storable(tensors, family.block_prefix(i))

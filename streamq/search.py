@@ -31,6 +31,22 @@ class ScaleRecord:
     linears: tuple[str, ...]
     scales: torch.Tensor
     losses: list[float] = field(default_factory=list)  # one per grid point, for inspection
+    prev_rows: tuple[int, int] | None = None  # a fused previous linear: only these output rows
+    norm_offset: float = 0.0  # a previous norm computing x * (norm_offset + w) (Gemma: 1)
+
+
+def fold_into_prev(t: torch.Tensor, kind: str, record: ScaleRecord) -> None:
+    """Divide one tensor of the previous op by s, in place: `kind` is "linear" (a weight's output
+    rows, or the rows record.prev_rows of a fused one), "bias", or "norm" (an affine norm's
+    weight; with an offset, norm_offset + w becomes (norm_offset + w) / s)."""
+    s = record.scales.to(device=t.device, dtype=t.dtype)
+    rows = t[record.prev_rows[0]:record.prev_rows[1]] if record.prev_rows else t
+    if kind == "linear":
+        rows.div_(s.view(-1, 1))
+    elif kind == "norm" and record.norm_offset:
+        rows.add_(record.norm_offset).div_(s).sub_(record.norm_offset)
+    else:
+        rows.div_(s)
 
 
 @dataclass
@@ -268,10 +284,15 @@ def search_clip(weight: torch.Tensor, x_tok: torch.Tensor, qcfg: QuantConfig) ->
 
 
 def check_foldable(block: nn.Module, record: ScaleRecord) -> None:
-    """The previous op must absorb 1/s: a linear (its rows) or an affine norm (its weight)."""
+    """The previous op must absorb 1/s: a linear (its rows, or the rows prev_rows of a fused
+    one) or an affine norm (its weight), as many channels as s has."""
     prev = block.get_submodule(record.prev_op)
     if not isinstance(prev, nn.Linear) and (getattr(prev, "weight", None) is None or prev.weight.dim() != 1):
         raise ValueError(f"cannot fold scales into {record.prev_op} ({type(prev).__name__})")
+    a, b = record.prev_rows or (0, prev.weight.shape[0])
+    if b - a != record.scales.numel() or b > prev.weight.shape[0]:
+        raise ValueError(f"cannot fold {record.scales.numel()} scales into rows {a}:{b} of {record.prev_op} "
+                         f"({prev.weight.shape[0]} outputs)")
 
 
 @torch.no_grad()
@@ -279,16 +300,12 @@ def apply_scale(block: nn.Module, record: ScaleRecord) -> None:
     """Fold s into the previous op (its output divided by s) and the linears (inputs * s)."""
     check_foldable(block, record)
     prev = block.get_submodule(record.prev_op)
-    device, dtype = prev.weight.device, prev.weight.dtype
-    s = record.scales.to(device=device, dtype=dtype)
-    if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.view(-1, 1))
-    else:  # LayerNorm / RMSNorm affine
-        prev.weight.div_(s)
+    fold_into_prev(prev.weight.data, "linear" if isinstance(prev, nn.Linear) else "norm", record)
     if getattr(prev, "bias", None) is not None:
-        prev.bias.div_(s)
+        fold_into_prev(prev.bias.data, "bias", record)
     for name in record.linears:
-        block.get_submodule(name).weight.mul_(s.view(1, -1))
+        w = block.get_submodule(name).weight
+        w.mul_(record.scales.to(device=w.device, dtype=w.dtype).view(1, -1))
 
 
 @torch.no_grad()

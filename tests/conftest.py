@@ -25,10 +25,18 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         "opt": make_tiny(root / "opt", "opt", seed=1),
         "llama": make_tiny(root / "llama", "llama", seed=2),
         "llama_gqa": make_tiny(root / "llama_gqa", "llama", kv_heads=2, seed=3, tokenizer=False),
+        **{name: make_tiny(root / name, model_type, kv_heads=kv, seed=10 + i)
+           for i, (name, (model_type, kv)) in enumerate(ZOO.items())},
     }
 
 
-@pytest.fixture(params=["opt", "llama", "llama_gqa"])
+# the families beyond OPT and LLaMA: (model type, key/value heads), GQA where the family has it
+# and without it where the v -> o group (Phi-3: a row range of qkv_proj) must be exercised
+ZOO = {"mistral": ("mistral", 2), "qwen2": ("qwen2", 2), "qwen3": ("qwen3", None), "gemma2": ("gemma2", None),
+       "gemma3": ("gemma3_text", 2), "phi3": ("phi3", None)}
+
+
+@pytest.fixture(params=["opt", "llama", "llama_gqa", *ZOO])
 def family_model(request, tiny_models) -> tuple[str, Path]:
     return request.param, tiny_models[request.param]
 

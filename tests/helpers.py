@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from streamq.families import Family, detect
+from streamq.families.base import eager_only
 from streamq.reference import first_block_inputs
 
 
@@ -38,7 +39,9 @@ class Setup:
 
 
 def setup_model(model_dir: Path, n_samples: int = 8, seqlen: int = 64, chunk: int = 4, seed: int = 0) -> Setup:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    config = AutoConfig.from_pretrained(model_dir)
+    attn = "eager" if eager_only(config) else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn).eval()
     family = detect(model.config)
     layers = model.get_submodule(family.layers_prefix)
     g = torch.Generator().manual_seed(seed)

@@ -14,6 +14,7 @@ from dequant import dequantize_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
+from conftest import ZOO
 from helpers import needs_gpu
 from streamq import engine
 from streamq.assets import clean_rst
@@ -211,3 +212,20 @@ def test_cli_ppl_bad_input_is_one_line(tiny_models, tmp_path):
 def test_clean_rst_drops_heading_rules_only():
     assert clean_rst("Title\n=====\n\nText -- with dashes.\n---\n") == "Title\n\nText -- with dashes."
     assert "Python" in builtin_text()[:100000]
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_every_family_streams_what_transformers_computes(tiny_models, eval_text, tmp_path, name):
+    """Each family beyond OPT/LLaMA (sliding windows shorter than the segments, soft-capping,
+    scaled embeddings, 1 + w norms, fused projections): the streamed ppl of the original equals
+    transformers' whole-model figure, and of the AWQ output the figure of the independently
+    dequantized fp16 model run by transformers."""
+    model_dir = tiny_models[name]
+    ids = text_ids(model_dir, eval_text)
+    assert perplexity(model_dir, eval_text, seqlen=SEQLEN, device="cpu").ppl == \
+        pytest.approx(reference_ppl(model_dir, ids, SEQLEN), rel=1e-5)
+    out = tmp_path / "awq"
+    engine.quantize(model_dir, out, QuantConfig(), CalibConfig(n_samples=4, seqlen=64), device="cpu")
+    dequantize_checkpoint(out, tmp_path / "dequantized")
+    assert perplexity(out, eval_text, seqlen=SEQLEN, device="cpu").ppl == \
+        pytest.approx(reference_ppl(tmp_path / "dequantized", ids, SEQLEN), rel=1e-5)

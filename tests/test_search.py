@@ -54,7 +54,8 @@ def test_scale_folding_leaves_block_output_unchanged(family_model):
     g = torch.Generator().manual_seed(5)
     for group in s.family.scale_groups(s.config):
         width = block.get_submodule(group.linears[0]).in_features
-        apply_scale(block, ScaleRecord(group.prev_op, group.linears, torch.rand(width, generator=g) * 3 + 0.2))
+        apply_scale(block, ScaleRecord(group.prev_op, group.linears, torch.rand(width, generator=g) * 3 + 0.2,
+                                       prev_rows=group.prev_rows, norm_offset=s.family.norm_offset))
     with torch.no_grad():
         for x in s.x_chunks:
             out, expected = run_module(block, x, s.kwargs), run_module(ref, x, s.kwargs)

@@ -1,5 +1,6 @@
-"""Write a tiny random OPT or LLaMA checkpoint (sharded safetensors + a BPE tokenizer trained
-on the built-in text) for tests and the quick start. Never fetches anything.
+"""Write a tiny random checkpoint of any supported family (sharded safetensors + a BPE tokenizer
+trained on the built-in text) for tests and the quick start, from the family's own transformers
+config class. Never fetches anything.
 
     python tools/make_tiny_model.py --family opt --out models/tiny-opt
 """
@@ -28,6 +29,22 @@ def train_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
+WINDOW = 48  # shorter than the tests' 64-token samples: sliding-window masks matter
+# model_type -> (config settings beyond the shared ones, the norms feeding scale groups)
+OTHER_FAMILIES = {
+    "mistral": ({"sliding_window": WINDOW}, ("input_layernorm", "post_attention_layernorm")),
+    "qwen2": ({"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
+              ("input_layernorm", "post_attention_layernorm")),
+    "qwen3": ({}, ("input_layernorm", "post_attention_layernorm")),
+    "gemma2": ({"sliding_window": WINDOW, "query_pre_attn_scalar": 32, "attn_logit_softcapping": 50.0,
+                "final_logit_softcapping": 30.0}, ("input_layernorm", "pre_feedforward_layernorm")),
+    "gemma3_text": ({"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"],
+                     "query_pre_attn_scalar": 32}, ("input_layernorm", "pre_feedforward_layernorm")),
+    "phi3": ({"sliding_window": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0},
+             ("input_layernorm", "post_attention_layernorm")),
+}
+
+
 def make_tiny(
     out: str | Path,
     family: str = "opt",
@@ -44,8 +61,10 @@ def make_tiny(
     max_shard_size: str = "200KB",
 ) -> Path:
     """A random fp16 model. `outlier_channels` input channels of every norm get `outlier_gain`
-    times the weight, planting the salient activation channels AWQ is designed around."""
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    times the weight, planting the salient activation channels AWQ is designed around. The
+    families beyond OPT and LLaMA use a sliding window shorter than the tests' samples (48
+    tokens) where they have one, so their masks are exercised."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -63,6 +82,15 @@ def make_tiny(
                              bos_token_id=0, eos_token_id=1)
         model = LlamaForCausalLM(config)
         norms = ("input_layernorm", "post_attention_layernorm")
+        blocks = model.model.layers
+    elif family in OTHER_FAMILIES:
+        extra, norms = OTHER_FAMILIES[family]
+        config = AutoConfig.for_model(
+            family, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads or heads, head_dim=hidden // heads, vocab_size=vocab,
+            max_position_embeddings=1024, tie_word_embeddings=family.startswith("gemma"), bos_token_id=0,
+            eos_token_id=1, pad_token_id=1, **extra)
+        model = AutoModelForCausalLM.from_config(config)
         blocks = model.model.layers
     else:
         raise ValueError(f"unknown family {family!r}")
@@ -84,7 +112,7 @@ def make_tiny(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--family", choices=["opt", "llama"], default="opt")
+    parser.add_argument("--family", choices=["opt", "llama", *OTHER_FAMILIES], default="opt")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--ffn", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)

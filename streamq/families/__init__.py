@@ -6,10 +6,12 @@ from typing import Any
 
 from ..errors import UnsupportedModelError
 from .base import Family, ScaleGroup, build_block
-from .llama import LLAMA
+from .gemma import GEMMA2, GEMMA3
+from .llama import LLAMA, MISTRAL, QWEN2, QWEN3
 from .opt import OPT
+from .phi3 import PHI3
 
-FAMILIES: tuple[Family, ...] = (OPT, LLAMA)
+FAMILIES: tuple[Family, ...] = (OPT, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3)
 
 __all__ = ["Family", "ScaleGroup", "FAMILIES", "detect", "build_block"]
 

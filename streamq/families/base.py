@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,6 +23,9 @@ class ScaleGroup:
     linears: tuple[str, ...]
     inspect: str
     inspect_takes_block_kwargs: bool = False
+    # a fused previous linear (Phi-3's qkv_proj, gate_up_proj): only its output rows [a, b)
+    # feed the group, so only they absorb 1/s
+    prev_rows: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,8 @@ class Family:
     layers_prefix: str  # tensor-name prefix of block i is f"{layers_prefix}.{i}."
     scale_groups: Callable[[Any], list[ScaleGroup]]  # from the HF config
     no_clip: tuple[str, ...]  # linears whose clip search is skipped (q/k: attention logits)
-    block_kwargs: Callable[[Any, int, torch.device, torch.dtype], dict]
+    # the block's extra inputs (config, seqlen, device, dtype, block index): rotary, mask, ...
+    block_kwargs: Callable[..., dict]
     # Hidden states entering block 0 for token ids [b, T], from non-block tensors read by name
     # (get(name) -> tensor), computed exactly as the transformers model computes them.
     embed: Callable[[Callable[[str], torch.Tensor], Any, torch.Tensor, torch.device, torch.dtype], torch.Tensor]
@@ -43,6 +48,12 @@ class Family:
     embed_weight: str  # the token embedding table; also lm_head's weight when they are tied
     # Linears outside the blocks, never quantized (listed in modules_to_not_convert).
     extra_linears: Callable[[Any], list[str]] = field(default=lambda config: ["lm_head"])
+    # Scale groups AWQ would search but this config cannot fold exactly, each with its reason
+    # (recorded in streamq.json): e.g. v_proj -> o_proj under grouped-query attention.
+    skipped_groups: Callable[[Any], list[str]] = field(default=lambda config: [])
+    norm_offset: float = 0.0  # the norms compute x * (norm_offset + w): Gemma's 1 + w
+    # the logits are soft-capped, cap * tanh(logits / cap) (Gemma 2), from the config
+    logit_softcap: Callable[[Any], float | None] = field(default=lambda config: None)
 
     def n_layers(self, config: Any) -> int:
         return int(config.num_hidden_layers)
@@ -51,11 +62,13 @@ class Family:
         return f"{self.layers_prefix}.{index}."
 
 
+MODELING_MODULE = {"gemma3_text": "gemma3"}  # model types whose classes live in another model's module
+
+
 def modeling_class(config: Any, suffix: str) -> type:
     """The transformers class of this model type whose name ends with `suffix`."""
-    module = importlib.import_module(
-        f"transformers.models.{config.model_type}.modeling_{config.model_type}"
-    )
+    name = MODELING_MODULE.get(config.model_type, config.model_type)
+    module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
     found = [getattr(module, n) for n in dir(module) if n.endswith(suffix) and not n.startswith("_")]
     found = [c for c in found if isinstance(c, type) and issubclass(c, nn.Module)]
     if len(found) != 1:
@@ -63,10 +76,62 @@ def modeling_class(config: Any, suffix: str) -> type:
     return found[0]
 
 
+def layer_type(config: Any, index: int) -> str:
+    """full_attention or sliding_attention, as the transformers model decides it: the config's
+    layer_types where it has them (Qwen2/3, Gemma 2/3), else every layer slides when the config
+    has a sliding window (Mistral, Phi-3)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return types[index]
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+
+def causal_mask(config: Any, seqlen: int, index: int, device: torch.device, dtype: torch.dtype,
+                eager: bool) -> torch.Tensor | None:
+    """The attention mask transformers builds for layer `index` over unpadded samples, [1, 1, T, T]
+    (it broadcasts over any number of samples): None where SDPA's own causal path applies (full
+    attention, or a window no shorter than the samples), else a key k is seen from query q when
+    q - window < k <= q; boolean for SDPA, additive (0 or the dtype's minimum) for eager attention."""
+    window = getattr(config, "sliding_window", None) if layer_type(config, index) == "sliding_attention" else None
+    if not eager and (window is None or seqlen <= window):
+        return None
+    q = torch.arange(seqlen, device=device)[:, None]
+    k = torch.arange(seqlen, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= k > q - window
+    if not eager:
+        return allowed[None, None]
+    zero = torch.zeros((), device=device, dtype=dtype)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
+
+
+def rotary_kwargs(config: Any, seqlen: int, device: torch.device, dtype: torch.dtype, index: int = 0,
+                  eager: bool = False) -> dict:
+    """The extra inputs of a LLaMA-style decoder layer: rotary (cos, sin) for positions
+    0..seqlen-1, shape [1, seqlen, head_dim] (per layer type where the model has several, as
+    Gemma 3's local and global rope), and the layer's attention mask. Both broadcast over any
+    number of samples, so chunking samples never changes them."""
+    rotary = modeling_class(config, "RotaryEmbedding")(config=config).to(device)
+    position_ids = torch.arange(seqlen, device=device)[None]
+    probe = torch.empty(0, device=device, dtype=dtype)
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        cos, sin = rotary(probe, position_ids, layer_type(config, index))
+    else:
+        cos, sin = rotary(probe, position_ids)
+    return {"attention_mask": causal_mask(config, seqlen, index, device, dtype, eager),
+            "position_embeddings": (cos, sin)}
+
+
 def meta_block(config: Any, index: int = 0) -> nn.Module:
     """A block with no storage: its shapes, for checks made before any weight is read."""
     with torch.device("meta"):
         return modeling_class(config, "DecoderLayer")(config, layer_idx=index)
+
+
+def eager_only(config: Any) -> bool:
+    """Attention that SDPA cannot compute: soft-capped logits (Gemma 2)."""
+    return getattr(config, "attn_logit_softcapping", None) is not None
 
 
 def build_block(
@@ -79,9 +144,9 @@ def build_block(
     """One decoder block, built on the meta device and filled from `state` (names relative
     to the block), so no memory is spent on the randomly initialised weights.
 
-    Blocks run with SDPA attention, which is causal when no mask is given: calibration
-    samples are unpadded, so no attention mask is ever materialised."""
-    config._attn_implementation = "sdpa"
+    Blocks run with SDPA attention (eager where the family needs it: Gemma 2's soft-capped
+    attention logits), with the mask of causal_mask: calibration samples are unpadded."""
+    config._attn_implementation = "eager" if eager_only(config) else "sdpa"
     block = meta_block(config, index)
     expected = set(block.state_dict())
     missing = expected - set(state)

@@ -1,14 +1,30 @@
-"""LLaMA-2/3 layout (and Mistral, Qwen2 where tensor names match): RMSNorm, rotary, gated MLP."""
+"""The LLaMA layout: RMSNorm, rotary, gated MLP, q/k/v/o projections. LLaMA-2/3 and the families
+that share its tensor names and block structure: Mistral (sliding window), Qwen2/2.5 (q/k/v
+biases: a bias is an output, untouched by input scales), Qwen3 (q_norm/k_norm on the projections'
+outputs, after them: untouched too)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Family, ScaleGroup, modeling_class
+from .base import Family, ScaleGroup, eager_only, modeling_class, rotary_kwargs
+
+
+def gqa(config: Any) -> bool:
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return n_kv != config.num_attention_heads
+
+
+def skipped_v_o(config: Any) -> list[str]:
+    if not gqa(config):
+        return []
+    return [f"self_attn.v_proj -> self_attn.o_proj: grouped-query attention ({config.num_key_value_heads} key/value "
+            f"heads for {config.num_attention_heads} query heads), v_proj's outputs are not o_proj's inputs"]
 
 
 def _scale_groups(config: Any) -> list[ScaleGroup]:
@@ -18,8 +34,7 @@ def _scale_groups(config: Any) -> list[ScaleGroup]:
     ]
     # v_proj's output channels are o_proj's input channels only without grouped-query
     # attention; with GQA the shapes differ and the scale cannot be folded.
-    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    if n_kv == config.num_attention_heads:
+    if not gqa(config):
         groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
     groups += [
         ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
@@ -28,14 +43,8 @@ def _scale_groups(config: Any) -> list[ScaleGroup]:
     return groups
 
 
-def _block_kwargs(config: Any, seqlen: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Rotary (cos, sin) for positions 0..seqlen-1, shape [1, seqlen, head_dim]: they
-    broadcast over any number of samples, so chunking samples never changes them."""
-    rotary = modeling_class(config, "RotaryEmbedding")(config=config).to(device)
-    position_ids = torch.arange(seqlen, device=device)[None]
-    probe = torch.empty(0, device=device, dtype=dtype)
-    cos, sin = rotary(probe, position_ids)
-    return {"attention_mask": None, "position_embeddings": (cos, sin)}
+def block_kwargs(config: Any, seqlen: int, device: torch.device, dtype: torch.dtype, index: int = 0) -> dict:
+    return rotary_kwargs(config, seqlen, device, dtype, index, eager=eager_only(config))
 
 
 def _embed(get, config: Any, ids: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -50,12 +59,16 @@ def _final(find, config: Any, device: torch.device, dtype: torch.dtype) -> nn.Mo
 
 LLAMA = Family(
     name="llama",
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama",),
     layers_prefix="model.layers",
     scale_groups=_scale_groups,
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
-    block_kwargs=_block_kwargs,
+    block_kwargs=block_kwargs,
     embed=_embed,
     final=_final,
     embed_weight="model.embed_tokens.weight",
+    skipped_groups=skipped_v_o,
 )
+MISTRAL = dataclasses.replace(LLAMA, name="mistral", model_types=("mistral",))
+QWEN2 = dataclasses.replace(LLAMA, name="qwen2", model_types=("qwen2",))
+QWEN3 = dataclasses.replace(LLAMA, name="qwen3", model_types=("qwen3",))

@@ -21,7 +21,7 @@ def _scale_groups(config: Any) -> list[ScaleGroup]:
     ]
 
 
-def _block_kwargs(config: Any, seqlen: int, device: torch.device, dtype: torch.dtype) -> dict:
+def _block_kwargs(config: Any, seqlen: int, device: torch.device, dtype: torch.dtype, index: int = 0) -> dict:
     # Positions enter at the embedding; inside a block only the causal mask matters and
     # SDPA applies it when attention_mask is None.
     return {"attention_mask": None}
