@@ -33,8 +33,8 @@ def test_cpu_mode_passes_every_stage_it_can_run(cpu_run):
     proc, summary, out = cpu_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = summary["stages"]
-    assert list(stages) == ["env", "build", "gpu-tests", "kernels-run", "ppl", "wide-opt-30b", "bench-kernels",
-                            "wide-llama-3-70b", "wide-llama-2-7b"]
+    assert list(stages) == ["env", "build", "gpu-tests", "kernels-run", "ppl", "formats", "wide-opt-30b",
+                            "bench-kernels", "wide-llama-3-70b", "wide-llama-2-7b"]
     for name in ("build", "gpu-tests", "kernels-run", "bench-kernels"):
         assert stages[name] == {"status": "skipped", "reason": "needs a CUDA device"}
     assert all(stages[name]["status"] == "ok" for name in stages if name not in
@@ -42,6 +42,13 @@ def test_cpu_mode_passes_every_stage_it_can_run(cpu_run):
     assert stages["env"]["torch"] and stages["env"]["cuda_available"] is False
     assert "| stage | status | seconds | figures |" in proc.stdout  # the summary table, printed last
     assert (out / "gpu_check.log").stat().st_size > 0
+
+
+def test_formats_stage_loads_the_output_with_transformers(cpu_run):
+    formats = cpu_run[1]["stages"]["formats"]
+    for label, dtype in (("fp16", "float16"), ("bf16", "bfloat16")):
+        assert formats[label]["weights_equal"] and formats[label]["max_logit_diff"] == 0.0
+        assert formats[label]["model_dtype"] == dtype and formats[label]["linears"] == 14
 
 
 def test_ppl_stage_compares_float16_with_float32(cpu_run):
