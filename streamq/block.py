@@ -6,7 +6,7 @@ Shared by the unstreamed reference and the streaming engine, so both run the sam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from .errors import NumericError
 from .families import Family
 from .formats import Format
 from .formats.awq import AWQ
+from .gptq import NotPositiveDefinite, gptq_quantize, hessian, scaled_hessian
 from .kernels import TORCH, Ops
 from .placement import Assembler, upload
 from .quant import check_group_size, quant_params, quantize
@@ -196,19 +197,40 @@ def quantize_block(
     ops: Ops = TORCH,
     micro: int | None = None,
     fmt: Format = AWQ,
+    where: str = "",
 ) -> tuple[BlockRecords, dict[str, torch.Tensor], list[torch.Tensor]]:
     """The whole AWQ step for one block: (records, output tensors, next block's inputs).
     The next block's inputs are this block's unquantized outputs (as llm-awq does)."""
     captured = set(input_source(block, family, config).values())
     feats, x_next = capture(block, x_chunks, kwargs, captured, store, micro)
     records = search_block(block, family, config, feats, kwargs, qcfg, ops, micro)
-    del feats
-    return records, output_tensors(block, records, qcfg, fmt), x_next
+    hessians = hessian_source(block, family, config, feats, records) if qcfg.gptq else None
+    del feats  # GPTQ keeps the captured inputs through `hessians` until the last linear is done
+    tensors = output_tensors(block, records, qcfg, fmt, hessians, where)
+    return records, tensors, x_next
+
+
+def hessian_source(block: nn.Module, family: Family, config: Any, feats: dict[str, list[torch.Tensor]],
+                   records: BlockRecords) -> Callable[[str], torch.Tensor]:
+    """For GPTQ: each linear's input Hessian, computed from the captured inputs when asked for
+    and kept while the next linear shares it (q/k/v, gate/up: same inputs, same scales)."""
+    source = input_source(block, family, config)
+    scale_of = {n: r.scales for r in records.scales for n in r.linears}
+    device = next(block.parameters()).device
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        key = source[name]
+        if key not in cache:
+            cache.clear()  # one Hessian at a time: linears sharing it come one after another
+            cache[key] = scaled_hessian(hessian(feats[key], device), scale_of.get(name))
+        return cache[key]
+    return get
 
 
 @torch.no_grad()
-def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig,
-                   fmt: Format = AWQ) -> dict[str, torch.Tensor]:
+def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig, fmt: Format = AWQ,
+                   hessians: Callable[[str], torch.Tensor] | None = None, where: str = "") -> dict[str, torch.Tensor]:
     """The block's tensors as written to the checkpoint (names relative to the block, on the
     host), from the unmodified block and its records: per linear the folded float32 weight,
     clamped to its clips, quantized and packed by the output format, or fake-quantized weights
@@ -226,8 +248,16 @@ def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig,
         if name in clip_of:
             max_val = clip_of[name].to(device=w.device, dtype=w.dtype)[..., None]
             w.view(w.shape[0], max_val.shape[1], -1).clamp_(-max_val, max_val)  # as apply_clip, in place
-        scales, zeros = quant_params(w, qcfg.w_bit, qcfg.group_size, qcfg.zero_point, storage)
-        codes = quantize(w, scales, zeros, qcfg.w_bit, inplace=True)
+        if qcfg.gptq:
+            try:
+                codes, scales, zeros = gptq_quantize(w, hessians(name), qcfg.w_bit, qcfg.group_size, qcfg.zero_point,
+                                                     storage, qcfg.gptq_damp)
+            except NotPositiveDefinite as exc:
+                raise NumericError(f"GPTQ cannot quantize {where}{name}: the Hessian of its inputs is {exc}; calibrate "
+                                   "with more samples (--n-samples) or raise --gptq-damp") from None
+        else:
+            scales, zeros = quant_params(w, qcfg.w_bit, qcfg.group_size, qcfg.zero_point, storage)
+            codes = quantize(w, scales, zeros, qcfg.w_bit, inplace=True)
         del w
         for key, t in fmt.pack(codes, scales.to(storage), zeros.to(torch.uint8), qcfg).items():
             out[f"{name}.{key}"] = t.cpu()

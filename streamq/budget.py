@@ -56,6 +56,7 @@ class BlockShape:
     captured_width: int  # sum of the widths of the captured linear inputs
     ref_width: int  # the widest search reference: the output of a group's inspected module
     clip_bytes: int  # the clip search's working set for its largest linear (4-byte compute: a bound)
+    gptq_bytes: int = 0  # GPTQ of the largest linear: its Hessian in four forms, its float32 weight, codes
 
     @classmethod
     def of(cls, block: nn.Module, captured: Iterable[str], groups: Iterable, group_size: int,
@@ -86,11 +87,13 @@ class BlockShape:
             captured_width=sum(linears[n].in_features for n in captured),
             ref_width=max([out_width(g.inspect) for g in groups] or [hidden]),
             clip_bytes=max(clip_bytes(m) for m in linears.values()),
+            gptq_bytes=max(4 * m.in_features ** 2 * FLOAT32 + m.weight.numel() * (FLOAT32 + 1)
+                           for m in linears.values()),
         )
 
 
 def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
-               budget: int | None, default_chunk: int = 16, micro: int | None = None) -> Plan:
+               budget: int | None, default_chunk: int = 16, micro: int | None = None, gptq: bool = False) -> Plan:
     """The largest chunk (in whole samples) that fits the budget, activations on the device
     if they fit there with at least one sample per chunk, else streamed from the host;
     `micro` samples per forward pass (None: the whole chunk)."""
@@ -99,10 +102,10 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
     # of: a candidate being made (w * s, the quantizer's float32 codes, the result), the clip
     # search beside its linear's folded float32 weight, the output of the largest linear (its
     # folded float32 weight turned into codes in place, uint8 codes and their transpose, int64
-    # words and their temporaries)
+    # words and their temporaries), or with GPTQ its Hessian and inverse factor beside the weight
     L = shape.largest_linear
     fixed = (shape.weight_elems * e + shape.largest_group * e + SLACK_BYTES
-             + max(2 * L * e + L * FLOAT32, shape.clip_bytes + L * FLOAT32, 7 * L))
+             + max(2 * L * e + L * FLOAT32, shape.clip_bytes + L * FLOAT32, 7 * L, shape.gptq_bytes if gptq else 0))
     # per sample kept for the whole block: input, output, captured linear inputs, and the
     # references of the group being searched
     resident = seqlen * e * (2 * shape.hidden + shape.captured_width + shape.ref_width)

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 import typer
 
 from .config import CalibConfig, QuantConfig, parse_size
-from .errors import StreamqError
+from .errors import SettingsError, StreamqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Layer-streaming AWQ quantization of Hugging Face causal language models.")
@@ -25,6 +25,12 @@ class OutFormat(str, Enum):
 FORMAT_HELP = ("awq: AutoAWQ GEMM (vLLM's awq/awq_marlin; transformers through gptqmodel); compressed-tensors: "
                "pack-quantized, as llm-compressor writes it (vLLM; transformers on any device with the "
                "compressed-tensors package). A bf16 model stays bf16 in compressed-tensors; awq stores fp16.")
+
+
+class Method(str, Enum):
+    awq = "awq"
+    gptq = "gptq"
+    awq_gptq = "awq+gptq"
 
 
 class Mode(str, Enum):
@@ -53,7 +59,12 @@ def run(
     out_format: OutFormat = typer.Option(OutFormat.awq, "--format", help=FORMAT_HELP),
     group_size: int = typer.Option(128, "--group-size", help="Input channels per quantization group; "
                                    "must divide every linear's input width (use 64 where 128 does not)."),
-    mode: Mode = typer.Option(Mode.awq, "--mode", help="awq: scale + clip search (the paper); rtn: round to "
+    method: Method = typer.Option(Method.awq, "--method", help="awq: scale + clip search, rounding to nearest "
+                                  "(the paper); gptq: GPTQ's error-compensating rounding alone; awq+gptq: AWQ's "
+                                  "scales and clips, then GPTQ's rounding."),
+    gptq_damp: float = typer.Option(0.01, "--gptq-damp", help="GPTQ's dampening: this share of the mean diagonal "
+                                    "is added to each linear's input Hessian."),
+    mode: Mode = typer.Option(Mode.awq, "--mode", help="Ablations of --method awq: awq: scale + clip search (the paper); rtn: round to "
                               "nearest, no search; s2: scale the 1% most salient input channels by 2; "
                               "keep1: keep the 1% most salient input channels in fp16 (written as fp16)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data: plain text, JSONL with a "
@@ -85,8 +96,11 @@ def run(
     try:
         from . import engine
 
+        if method != Method.awq and mode != Mode.awq:
+            raise SettingsError(f"--mode {mode.value} is an ablation of --method awq, not of --method {method.value}")
         qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
-                           mode=mode.value, duo_scaling=duo_scaling, clip=clip)
+                           mode="rtn" if method == Method.gptq else mode.value, duo_scaling=duo_scaling, clip=clip,
+                           gptq=method != Method.awq, gptq_damp=gptq_damp)
         ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen)
         with progress() as on_block:
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,
@@ -290,7 +304,7 @@ def print_summary(summary, output: Path) -> None:
     gpu_line = f"{format_bytes(max(gpu))} (reserved {format_bytes(reserved)})" if gpu else "n/a (CPU run)"
     plan = summary.plan
     lines = [
-        f"quantized {len(summary.blocks)} blocks ({qcfg.mode}, INT{qcfg.w_bit}, group {qcfg.group_size})"
+        f"quantized {len(summary.blocks)} blocks ({qcfg.method}, INT{qcfg.w_bit}, group {qcfg.group_size})"
         f" in {summary.seconds:.1f} s -> {output}",
         f"  chunks of {plan.chunk_samples} samples, activations on the "
         f"{'device' if plan.activations_on_device else 'host'} (planned peak {format_bytes(plan.estimated_peak_bytes)})",

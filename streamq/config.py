@@ -42,6 +42,8 @@ class QuantConfig:
     # every floating tensor written (scales, norms, biases, embeddings): fp16, or bf16 for the
     # compressed-tensors output of a bf16 model; scales are rounded to it before codes are computed
     storage_dtype: str = "float16"
+    gptq: bool = False  # round with GPTQ (after AWQ's scales and clips in awq mode) instead of to nearest
+    gptq_damp: float = 0.01  # GPTQ's dampening, a share of the Hessian's mean diagonal
 
     def __post_init__(self) -> None:
         if self.w_bit not in (3, 4):
@@ -50,8 +52,19 @@ class QuantConfig:
             raise SettingsError(f"--group-size must be a positive multiple of 8, got {self.group_size}")
         if self.mode not in MODES:
             raise SettingsError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.gptq and self.mode not in ("awq", "rtn"):
+            raise SettingsError(f"GPTQ rounds after awq or alone (--method gptq); not with --mode {self.mode}")
+        if not 0 < self.gptq_damp < 1:
+            raise SettingsError(f"--gptq-damp must be between 0 and 1, got {self.gptq_damp}")
         if self.storage_dtype not in STORAGE_DTYPES:
             raise SettingsError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
+
+    @property
+    def method(self) -> str:
+        """awq, gptq or awq+gptq (rtn, s2, keep1: the ablation modes)."""
+        if self.gptq:
+            return "awq+gptq" if self.mode == "awq" else "gptq"
+        return self.mode
 
     @property
     def storage_torch_dtype(self) -> torch.dtype:

@@ -89,7 +89,8 @@ def _setup(model_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str, 
     if max_gpu_mem is None and dev.type == "cuda":
         max_gpu_mem = torch.cuda.mem_get_info(dev)[0]
     shape = BlockShape.of(shape_block, captured, family.scale_groups(hf_config), qcfg.group_size, qcfg.clip_tokens)
-    plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, max_gpu_mem, micro=forward_samples(dev))
+    plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, max_gpu_mem, micro=forward_samples(dev),
+                      gptq=qcfg.gptq)
     return reader, hf_config, family, dev, dtype, plan, max_gpu_mem
 
 
@@ -254,7 +255,8 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
             kwargs = family.block_kwargs(hf_config, run.calib.seqlen, dev, run.dtype, i)
             faults.point(f"block{i}:search")
             records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, run.qcfg,
-                                                        run.store, run.ops, run.plan.forward_samples, run.fmt)
+                                                        run.store, run.ops, run.plan.forward_samples, run.fmt,
+                                                        where=prefix)
             check_storable(tensors, prefix)
             for name, t in tensors.items():
                 writer.add(prefix + name, t)

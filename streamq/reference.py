@@ -104,7 +104,7 @@ def quantize(
     for i, block in enumerate(layers):
         kwargs = family.block_kwargs(model.config, calib.seqlen, dev, dtype, i)
         records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, qcfg, ops=ops,
-                                                    micro=micro, fmt=fmt)
+                                                    micro=micro, fmt=fmt, where=family.block_prefix(i))
         check_storable(tensors, family.block_prefix(i))
         for name, t in tensors.items():
             writer.add(family.block_prefix(i) + name, t)

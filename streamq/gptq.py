@@ -1,0 +1,104 @@
+"""GPTQ (Frantar et al., ICLR 2023) as pure functions: the Hessian of a linear's inputs, then
+column-by-column rounding with the error spread over the columns not yet quantized, through the
+upper Cholesky factor of the inverse Hessian, in lazy blocks of columns.
+
+Groups are contiguous runs of `group_size` input columns (no act-order), so the result packs into
+both output formats; each group's scale and zero point come from its columns as they stand when
+the algorithm reaches the group's first column (the reference implementation's choice), rounded
+to the storage dtype like every other scale streamq writes. Everything is float32."""
+
+from __future__ import annotations
+
+import torch
+
+from .quant import quant_params
+
+DAMP = 0.01  # dampening: this share of the mean diagonal is added to the diagonal
+BLOCK = 128  # columns per lazy batch update (a multiple of every group size used)
+
+
+class NotPositiveDefinite(ValueError):
+    pass
+
+
+@torch.no_grad()
+def hessian(chunks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """sum_i X_i^T X_i over samples i ([T, C] each, wherever the chunks are), float32 [C, C] on
+    `device`: one product per sample, added in sample order, so chunking never changes it."""
+    h = None
+    for chunk in chunks:
+        for x in chunk:
+            x = x.to(device=device, dtype=torch.float32).reshape(-1, x.shape[-1])
+            if h is None:
+                h = torch.zeros(x.shape[1], x.shape[1], device=device, dtype=torch.float32)
+            h.addmm_(x.t(), x)
+    return h
+
+
+def scaled_hessian(h: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """The Hessian of x / s (a linear whose inputs AWQ scaled): H / (s s^T)."""
+    if scales is None:
+        return h
+    s = scales.to(device=h.device, dtype=torch.float32)
+    return h / s[:, None] / s[None, :]
+
+
+def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, dead input channels): channels
+    that never saw a nonzero input get a unit diagonal (their weights are zeroed, as in the paper's
+    code). Raises NotPositiveDefinite when dampening does not make H positive definite."""
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise NotPositiveDefinite(f"not positive definite after dampening {damp} (Cholesky failed at column {int(info)})")
+    inv = torch.cholesky_inverse(chol)
+    upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+    if int(info) != 0:
+        raise NotPositiveDefinite(f"its inverse is not positive definite after dampening {damp}")
+    return upper, dead
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_int: int) -> torch.Tensor:
+    """Codes (float32) of one column w [out] for per-row scale and zero, as quant.quantize does."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, max_int)
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True,
+                  scale_dtype: torch.dtype = torch.float16, damp: float = DAMP,
+                  block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of w [out, in] (float32, consumed) for inputs whose Hessian is h [in, in]:
+    (codes uint8 [out, in], scales [out, in/g] and zeros [out, in/g], float32)."""
+    out_features, in_features = w.shape
+    if block % group_size and group_size % block:
+        raise ValueError(f"block {block} and group size {group_size} must divide one another")
+    hinv, dead = inverse_factor(h, damp)
+    w[:, dead] = 0
+    max_int = 2**w_bit - 1
+    n_group = in_features // group_size
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out_features, n_group, dtype=torch.float32, device=w.device)
+    zeros = torch.empty(out_features, n_group, dtype=torch.float32, device=w.device)
+    scale = zero = None
+    for i1 in range(0, in_features, block):
+        i2 = min(i1 + block, in_features)
+        w1 = w[:, i1:i2]  # a view: updated in place
+        err1 = torch.empty_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group_size == 0:  # the group's parameters from its columns as they stand now
+                g = col // group_size
+                cols = w[:, col:col + group_size]
+                scale, zero = quant_params(cols, w_bit, group_size, zero_point, scale_dtype)
+                scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
+            q = _round(w1[:, i], scale[:, 0], zero[:, 0], max_int)
+            codes[:, col] = q.to(torch.uint8)
+            err = (w1[:, i] - (q - zero[:, 0]) * scale[:, 0]) / h1[i, i]
+            w1[:, i:].sub_(err[:, None] * h1[i, i:][None, :])
+            err1[:, i] = err
+        w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
+    return codes, scales, zeros

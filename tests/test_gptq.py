@@ -1,0 +1,157 @@
+"""GPTQ: the algorithm against a straightforward whole-matrix version written here from the
+paper, its Hessian's chunk invariance, its error against RTN, and the engine's guarantees
+(streamed == reference, resume, one-line errors) for --method gptq and awq+gptq."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers import checkpoint_bytes
+from streamq import engine, reference
+from streamq.cli import app
+from streamq.config import CalibConfig, QuantConfig
+from streamq.errors import NumericError
+from streamq.gptq import NotPositiveDefinite, gptq_quantize, hessian
+from streamq.quant import dequantize, quant_params, quantize
+
+CALIB = CalibConfig(n_samples=6, seqlen=64)
+
+
+def paper_gptq(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int, damp: float = 0.01):
+    """Algorithm 1 of the paper, column by column over the whole matrix (no lazy batches):
+    quantize column i, spread its error over every later column through row i of the upper
+    Cholesky factor of H^-1. A group's parameters come from its columns when it is reached."""
+    w = w.clone()
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros(w.shape, dtype=torch.uint8)
+    scales, zeros = [], []
+    for i in range(w.shape[1]):
+        if i % group_size == 0:
+            s, z = quant_params(w[:, i:i + group_size], w_bit, group_size)
+            scales.append(s)
+            zeros.append(z)
+        s, z = scales[-1][:, 0], zeros[-1][:, 0]
+        q = torch.clamp(torch.round(w[:, i] / s) + z, 0, 2**w_bit - 1)
+        codes[:, i] = q.to(torch.uint8)
+        err = (w[:, i] - (q - z) * s) / hinv[i, i]
+        w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
+    return codes, torch.cat(scales, 1), torch.cat(zeros, 1)
+
+
+def outlier_layer(seed: int, rows: int = 48, cols: int = 256, tokens: int = 512):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cols, generator=g)
+    x[:, :6] *= 30  # salient input channels, as real activations have
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    return w, x
+
+
+@pytest.mark.parametrize("w_bit,group_size", [(4, 64), (3, 128), (4, 32)])
+def test_gptq_is_the_papers_algorithm(w_bit, group_size):
+    w, x = outlier_layer(w_bit + group_size)
+    h = x.t() @ x
+    ours = gptq_quantize(w.clone(), h, w_bit, group_size, block=1)
+    paper = paper_gptq(w, h, w_bit, group_size)
+    for a, b in zip(ours, paper):
+        assert torch.equal(a, b)  # one column per lazy batch: the very same operations
+    batched = gptq_quantize(w.clone(), h, w_bit, group_size)  # 128-column lazy batches: same math, other order
+    assert (batched[0] == paper[0]).float().mean() > 0.99
+    deq = dequantize(*batched, torch.float32)
+    assert torch.allclose(deq, dequantize(*paper, torch.float32), atol=0.05 * float(deq.abs().max()))
+
+
+def test_gptq_beats_rtn_on_planted_outliers():
+    for seed in range(3):
+        w, x = outlier_layer(seed)
+        s, z = quant_params(w, 4, 64)
+        rtn = dequantize(quantize(w, s, z, 4), s, z, torch.float32)
+        gptq = dequantize(*gptq_quantize(w.clone(), x.t() @ x, 4, 64), torch.float32)
+        err = {name: float((x @ (q - w).t()).square().sum()) for name, q in (("rtn", rtn), ("gptq", gptq))}
+        assert err["gptq"] < 0.7 * err["rtn"], err
+
+
+def test_hessian_does_not_depend_on_chunking():
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randn(6, 32, 64, generator=g)
+    whole = hessian([samples], torch.device("cpu"))
+    assert torch.equal(whole, hessian(list(samples.split(2)), torch.device("cpu")))
+    assert torch.equal(whole, hessian([samples[:1], samples[1:5], samples[5:]], torch.device("cpu")))
+    assert torch.allclose(whole, samples.reshape(-1, 64).t() @ samples.reshape(-1, 64), rtol=1e-4, atol=1e-3)
+
+
+def test_dead_inputs_and_a_hessian_that_cannot_be_made_definite():
+    w, x = outlier_layer(1)
+    x[:, 10] = 0  # an input channel that never fires: its weights go to zero
+    codes, scales, zeros = gptq_quantize(w.clone(), x.t() @ x, 4, 64)
+    assert torch.all(dequantize(codes, scales, zeros, torch.float32)[:, 10] == 0)
+    with pytest.raises(NotPositiveDefinite, match="not positive definite after dampening 0.01"):
+        gptq_quantize(w.clone(), -torch.eye(256), 4, 64)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+@pytest.mark.parametrize("family", ["opt", "llama_gqa", "phi3"])
+def test_gptq_streamed_equals_reference(tiny_models, tmp_path, family, method):
+    qcfg = QuantConfig(mode="rtn" if method == "gptq" else "awq", gptq=True)
+    calib = CALIB if family != "llama_gqa" else None
+    if calib is None:  # this model has no tokenizer
+        import numpy as np
+
+        ids = tmp_path / "ids.npy"
+        np.save(ids, np.random.default_rng(1).integers(2, 512, 5_000))
+        calib = CalibConfig(source=str(ids), n_samples=6, seqlen=64)
+    path = tiny_models[family]
+    reference.quantize(path, tmp_path / "ref", qcfg, calib, chunk_samples=4, device="cpu")
+    minimum = engine.plan(path, qcfg, calib, device="cpu").minimum_bytes
+    for budget in (None, minimum):
+        engine.quantize(path, tmp_path / f"s{budget}", qcfg, calib, device="cpu", max_gpu_mem=budget)
+        assert checkpoint_bytes(tmp_path / f"s{budget}") == checkpoint_bytes(tmp_path / "ref")
+    rtn = tmp_path / "rtn"
+    engine.quantize(path, rtn, QuantConfig(mode=qcfg.mode), calib, device="cpu")
+    assert checkpoint_bytes(rtn) != checkpoint_bytes(tmp_path / "ref")
+
+
+def test_planner_counts_the_hessians(tiny_models):
+    plain = engine.plan(tiny_models["llama"], QuantConfig(), CALIB, device="cpu", max_gpu_mem=10**10)
+    gptq = engine.plan(tiny_models["llama"], QuantConfig(gptq=True), CALIB, device="cpu", max_gpu_mem=10**10)
+    assert gptq.estimated_peak_bytes >= plain.estimated_peak_bytes
+
+
+def test_gptq_run_resumes_byte_identical_and_reports_its_method(tiny_models, tmp_path):
+    args = [sys.executable, "-m", "streamq", "run", "--model", str(tiny_models["llama"]), "--n-samples", "6",
+            "--seqlen", "64", "--device", "cpu", "--method", "awq+gptq", "--shard-size", "150KB"]
+    whole = subprocess.run([*args, "--output", str(tmp_path / "whole")], capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0 and "(awq+gptq, INT4, group 128)" in whole.stdout, whole.stderr
+    cut = subprocess.run([*args, "--output", str(tmp_path / "cut")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "STREAMQ_KILL_AT": "block1:search"})
+    assert cut.returncode == -9
+    resumed = subprocess.run([sys.executable, "-m", "streamq", "resume", str(tmp_path / "cut"), "--device", "cpu"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint_bytes(tmp_path / "cut") == checkpoint_bytes(tmp_path / "whole")
+
+
+def test_gptq_errors_are_one_line(tiny_models, tmp_path, monkeypatch):
+    runner = CliRunner()
+    bad = runner.invoke(app, ["run", "--model", str(tiny_models["opt"]), "--output", str(tmp_path / "o"),
+                              "--method", "gptq", "--mode", "s2", "--device", "cpu"])
+    assert bad.exit_code == 2 and "--mode s2 is an ablation of --method awq" in bad.stderr
+    import streamq.block as block_mod
+
+    def failing(*args, **kwargs):
+        raise NotPositiveDefinite("not positive definite after dampening 0.01 (Cholesky failed at column 3)")
+
+    monkeypatch.setattr(block_mod, "gptq_quantize", failing)
+    with pytest.raises(NumericError, match=r"GPTQ cannot quantize model\.decoder\.layers\.0\.self_attn\.k_proj: the "
+                                           r"Hessian of its inputs is not positive definite.*--n-samples"):
+        engine.quantize(tiny_models["opt"], tmp_path / "p", QuantConfig(mode="rtn", gptq=True), CALIB, device="cpu")
