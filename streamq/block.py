@@ -5,6 +5,7 @@ Shared by the unstreamed reference and the streaming engine, so both run the sam
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ from torch import nn
 from .config import QuantConfig
 from .errors import NumericError
 from .families import Family
-from .formats import Format
+from .formats import Format, dequantize, linear_tensors
 from .formats.awq import AWQ
 from .gptq import NotPositiveDefinite, gptq_quantize, hessian, scaled_hessian
 from .kernels import TORCH, Ops
@@ -200,14 +201,33 @@ def quantize_block(
     where: str = "",
 ) -> tuple[BlockRecords, dict[str, torch.Tensor], list[torch.Tensor]]:
     """The whole AWQ step for one block: (records, output tensors, next block's inputs).
-    The next block's inputs are this block's unquantized outputs (as llm-awq does)."""
+    The next block's inputs are this block's unquantized outputs (as llm-awq does), or with
+    qcfg.next_input "quantized" the outputs of the block as the checkpoint holds it (the GPTQ
+    paper's sequential order: each block calibrated on what the quantized model feeds it)."""
     captured = set(input_source(block, family, config).values())
     feats, x_next = capture(block, x_chunks, kwargs, captured, store, micro)
+    if qcfg.next_input == "quantized":
+        del x_next
     records = search_block(block, family, config, feats, kwargs, qcfg, ops, micro)
     hessians = hessian_source(block, family, config, feats, records) if qcfg.gptq else None
     del feats  # GPTQ keeps the captured inputs through `hessians` until the last linear is done
     tensors = output_tensors(block, records, qcfg, fmt, hessians, where)
+    if qcfg.next_input == "quantized":
+        x_next = capture(quantized_copy(block, tensors, qcfg, fmt), x_chunks, kwargs, set(), store, micro)[1]
     return records, tensors, x_next
+
+
+def quantized_copy(block: nn.Module, tensors: dict[str, torch.Tensor], qcfg: QuantConfig, fmt: Format) -> nn.Module:
+    """A copy of the block computing with the written tensors: packed linears dequantized as a
+    loader does, every other tensor as stored; in the block's dtype, on its device."""
+    param = next(block.parameters())
+    state = dict(tensors)
+    for base, names in linear_tensors(fmt, list(tensors)).items():
+        packed = {suffix: state.pop(name).to(param.device) for suffix, name in names.items()}
+        state[f"{base}.weight"] = dequantize(fmt, packed, qcfg.w_bit)
+    twin = copy.deepcopy(block)
+    twin.load_state_dict({k: v.to(param.device, param.dtype) for k, v in state.items()}, strict=True)
+    return twin
 
 
 def hessian_source(block: nn.Module, family: Family, config: Any, feats: dict[str, list[torch.Tensor]],

@@ -93,10 +93,12 @@ class BlockShape:
 
 
 def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
-               budget: int | None, default_chunk: int = 16, micro: int | None = None, gptq: bool = False) -> Plan:
+               budget: int | None, default_chunk: int = 16, micro: int | None = None, gptq: bool = False,
+               twin: bool = False) -> Plan:
     """The largest chunk (in whole samples) that fits the budget, activations on the device
     if they fit there with at least one sample per chunk, else streamed from the host;
-    `micro` samples per forward pass (None: the whole chunk)."""
+    `micro` samples per forward pass (None: the whole chunk); `twin`: a quantized copy of the block
+    runs the calibration again (--next-input quantized)."""
     e = elem_bytes
     # the block's weights and, during a group's search, the group's originals; then the largest
     # of: a candidate being made (w * s, the quantizer's float32 codes, the result), the clip
@@ -105,7 +107,8 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
     # words and their temporaries), or with GPTQ its Hessian and inverse factor beside the weight
     L = shape.largest_linear
     fixed = (shape.weight_elems * e + shape.largest_group * e + SLACK_BYTES
-             + max(2 * L * e + L * FLOAT32, shape.clip_bytes + L * FLOAT32, 7 * L, shape.gptq_bytes if gptq else 0))
+             + max(2 * L * e + L * FLOAT32, shape.clip_bytes + L * FLOAT32, 7 * L, shape.gptq_bytes if gptq else 0,
+                   shape.weight_elems * e if twin else 0))
     # per sample kept for the whole block: input, output, captured linear inputs, and the
     # references of the group being searched
     resident = seqlen * e * (2 * shape.hidden + shape.captured_width + shape.ref_width)

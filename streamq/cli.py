@@ -64,6 +64,9 @@ def run(
                                   "scales and clips, then GPTQ's rounding."),
     gptq_damp: float = typer.Option(0.01, "--gptq-damp", help="GPTQ's dampening: this share of the mean diagonal "
                                     "is added to each linear's input Hessian."),
+    next_input: str = typer.Option("fp16", "--next-input", help="fp16: each block is calibrated on the "
+                                   "unquantized model's activations (llm-awq; blocks independent); quantized: on "
+                                   "the quantized blocks' outputs (the GPTQ paper's sequential order)."),
     mode: Mode = typer.Option(Mode.awq, "--mode", help="Ablations of --method awq: awq: scale + clip search (the paper); rtn: round to "
                               "nearest, no search; s2: scale the 1% most salient input channels by 2; "
                               "keep1: keep the 1% most salient input channels in fp16 (written as fp16)."),
@@ -100,7 +103,7 @@ def run(
             raise SettingsError(f"--mode {mode.value} is an ablation of --method awq, not of --method {method.value}")
         qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
                            mode="rtn" if method == Method.gptq else mode.value, duo_scaling=duo_scaling, clip=clip,
-                           gptq=method != Method.awq, gptq_damp=gptq_damp)
+                           gptq=method != Method.awq, gptq_damp=gptq_damp, next_input=next_input)
         ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen)
         with progress() as on_block:
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,

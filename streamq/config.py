@@ -44,6 +44,9 @@ class QuantConfig:
     storage_dtype: str = "float16"
     gptq: bool = False  # round with GPTQ (after AWQ's scales and clips in awq mode) instead of to nearest
     gptq_damp: float = 0.01  # GPTQ's dampening, a share of the Hessian's mean diagonal
+    # the next block's calibration inputs: this block's unquantized outputs (fp16, as llm-awq; blocks
+    # stay independent) or its quantized outputs (quantized, as the GPTQ paper)
+    next_input: str = "fp16"
 
     def __post_init__(self) -> None:
         if self.w_bit not in (3, 4):
@@ -54,6 +57,8 @@ class QuantConfig:
             raise SettingsError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.gptq and self.mode not in ("awq", "rtn"):
             raise SettingsError(f"GPTQ rounds after awq or alone (--method gptq); not with --mode {self.mode}")
+        if self.next_input not in ("fp16", "quantized"):
+            raise SettingsError(f"--next-input must be fp16 or quantized, got {self.next_input!r}")
         if not 0 < self.gptq_damp < 1:
             raise SettingsError(f"--gptq-damp must be between 0 and 1, got {self.gptq_damp}")
         if self.storage_dtype not in STORAGE_DTYPES:

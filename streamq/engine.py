@@ -90,7 +90,7 @@ def _setup(model_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str, 
         max_gpu_mem = torch.cuda.mem_get_info(dev)[0]
     shape = BlockShape.of(shape_block, captured, family.scale_groups(hf_config), qcfg.group_size, qcfg.clip_tokens)
     plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, max_gpu_mem, micro=forward_samples(dev),
-                      gptq=qcfg.gptq)
+                      gptq=qcfg.gptq, twin=qcfg.next_input == "quantized")
     return reader, hf_config, family, dev, dtype, plan, max_gpu_mem
 
 

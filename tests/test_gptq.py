@@ -155,3 +155,25 @@ def test_gptq_errors_are_one_line(tiny_models, tmp_path, monkeypatch):
     with pytest.raises(NumericError, match=r"GPTQ cannot quantize model\.decoder\.layers\.0\.self_attn\.k_proj: the "
                                            r"Hessian of its inputs is not positive definite.*--n-samples"):
         engine.quantize(tiny_models["opt"], tmp_path / "p", QuantConfig(mode="rtn", gptq=True), CALIB, device="cpu")
+
+
+def test_next_input_from_the_quantized_block(tiny_models, tmp_path):
+    """--next-input quantized (the GPTQ paper's order): block 1 is calibrated on block 0's
+    quantized outputs, so block 0 is unchanged and block 1 differs; engine == reference at the
+    smallest budget too."""
+    from safetensors.torch import load_file
+
+    qcfg = QuantConfig(mode="rtn", gptq=True, next_input="quantized")
+    path = tiny_models["llama"]
+    reference.quantize(path, tmp_path / "ref", qcfg, CALIB, chunk_samples=4, device="cpu")
+    minimum = engine.plan(path, qcfg, CALIB, device="cpu").minimum_bytes
+    engine.quantize(path, tmp_path / "s", qcfg, CALIB, device="cpu", max_gpu_mem=minimum)
+    assert checkpoint_bytes(tmp_path / "s") == checkpoint_bytes(tmp_path / "ref")
+    engine.quantize(path, tmp_path / "fp16", QuantConfig(mode="rtn", gptq=True), CALIB, device="cpu")
+
+    def tensors(out):
+        return {k: v for f in sorted(out.glob("model-*.safetensors")) for k, v in load_file(f).items()}
+
+    seq, indep = tensors(tmp_path / "s"), tensors(tmp_path / "fp16")
+    assert all(torch.equal(seq[k], indep[k]) for k in seq if k.startswith("model.layers.0."))
+    assert not all(torch.equal(seq[k], indep[k]) for k in seq if k.startswith("model.layers.1.") and "qweight" in k)

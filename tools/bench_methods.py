@@ -1,0 +1,98 @@
+"""streamq's methods side by side on a real model: perplexity, wall time and peak RSS of AWQ,
+GPTQ and AWQ+GPTQ (and RTN) at INT4 and INT3, on two calibration/evaluation text pairs whose
+roles are swapped (each text calibrates once and is evaluated once).
+
+    python tools/bench_methods.py --model ~/.cache/streamq/smollm2-135m --texts ~/.cache/streamq \\
+        --n-samples 16 --seqlen 256 --eval-segments 8 --out docs/results/methods.json
+
+Each run is a fresh `streamq run` process (its own peak RSS), then `streamq ppl --json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = {  # label -> run arguments
+    "rtn": ["--mode", "rtn"],
+    "awq": ["--method", "awq"],
+    "gptq": ["--method", "gptq"],
+    "awq+gptq": ["--method", "awq+gptq"],
+}
+PAIRS = {  # label -> (calibration text, evaluation text)
+    "pyref->docutils": ("calib-python-reference.txt", "eval-docutils-docs.txt"),
+    "docutils->pyref": ("eval-docutils-docs.txt", "calib-python-reference.txt"),
+}
+
+
+def streamq(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamq", *map(str, args)], capture_output=True, text=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--texts", type=Path, required=True, help="folder with the two texts (tools/make_texts.py)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--bits", default="4,3")
+    parser.add_argument("--pairs", default=",".join(PAIRS))
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--n-samples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--eval-segments", type=int, default=8)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=None, help="also write every figure here (JSON)")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in args.pairs.split(","):
+            calib, evaluation = (args.texts / name for name in PAIRS[pair])
+            ppl_args = ["--data", evaluation, "--seqlen", args.eval_seqlen, "--max-segments", args.eval_segments,
+                        "--device", "cpu"]
+            fp16 = Path(tmp) / f"fp16-{pair}.json"
+            done = streamq("ppl", "--model", args.model, *ppl_args, "--json", fp16)
+            if done.returncode:
+                sys.exit(done.stderr)
+            rows.append({"pair": pair, "method": "fp16", "bits": 16, "ppl": json.loads(fp16.read_text())["ppl"]})
+            print(f"{pair} fp16: {rows[-1]['ppl']:.4f}", flush=True)
+            for bits in args.bits.split(","):
+                for method in args.methods.split(","):
+                    out = Path(tmp) / f"{pair}-{method}-{bits}"
+                    start = time.time()
+                    done = streamq("run", "--model", args.model, "--output", out, "--calib", calib, "--n-samples",
+                                   args.n_samples, "--seqlen", args.seqlen, "--w-bit", bits, "--group-size",
+                                   args.group_size, "--device", "cpu", *METHODS[method])
+                    seconds = time.time() - start
+                    if done.returncode:
+                        sys.exit(done.stderr)
+                    info = json.loads((out / "streamq.json").read_text())
+                    result = Path(tmp) / f"{pair}-{method}-{bits}.json"
+                    done = streamq("ppl", "--model", out, *ppl_args, "--json", result)
+                    if done.returncode:
+                        sys.exit(done.stderr)
+                    rows.append({"pair": pair, "method": method, "bits": int(bits),
+                                 "ppl": json.loads(result.read_text())["ppl"], "seconds": round(seconds, 1),
+                                 "peak_rss_gib": round(max(b["peak_rss_bytes"] for b in info["blocks"]) / 2**30, 2)})
+                    print(f"{pair} {method} INT{bits}: ppl {rows[-1]['ppl']:.4f}, {seconds:.0f} s, "
+                          f"peak RSS {rows[-1]['peak_rss_gib']} GiB", flush=True)
+    settings = {"model": str(args.model), "group_size": args.group_size, "calibration": f"{args.n_samples} x "
+                f"{args.seqlen}", "evaluation": f"{args.eval_segments} x {args.eval_seqlen}",
+                "machine": f"{platform.processor() or platform.machine()}, CPU"}
+    print(f"\n{settings}")
+    print("| pair | method | bits | ppl | seconds | peak RSS GiB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['pair']} | {r['method']} | {r['bits']} | {r['ppl']:.4f} | {r.get('seconds', '')} | "
+              f"{r.get('peak_rss_gib', '')} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
