@@ -1,6 +1,7 @@
 """streamq's methods side by side on a real model: perplexity, wall time and peak RSS of AWQ,
 GPTQ and AWQ+GPTQ (and RTN) at INT4 and INT3, on two calibration/evaluation text pairs whose
-roles are swapped (each text calibrates once and is evaluated once).
+roles are swapped (each text calibrates once and is evaluated once); the -seq rows feed each
+block the quantized previous block's output (--next-input quantized) instead of the fp16 one.
 
     python tools/bench_methods.py --model ~/.cache/streamq/smollm2-135m --texts ~/.cache/streamq \\
         --n-samples 16 --seqlen 256 --eval-segments 8 --out docs/results/methods.json
@@ -24,6 +25,8 @@ METHODS = {  # label -> run arguments
     "awq": ["--method", "awq"],
     "gptq": ["--method", "gptq"],
     "awq+gptq": ["--method", "awq+gptq"],
+    "gptq-seq": ["--method", "gptq", "--next-input", "quantized"],  # the GPTQ paper's sequential order
+    "awq+gptq-seq": ["--method", "awq+gptq", "--next-input", "quantized"],
 }
 PAIRS = {  # label -> (calibration text, evaluation text)
     "pyref->docutils": ("calib-python-reference.txt", "eval-docutils-docs.txt"),
