@@ -74,10 +74,15 @@ def load_tokens(cfg: CalibConfig, tokenizer: Any | None) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def cut_blocks(tokens: torch.Tensor, cfg: CalibConfig, vocab_size: int | None = None) -> torch.Tensor:
+def cut_blocks(tokens: torch.Tensor, cfg: CalibConfig, vocab_size: int | None = None,
+               bos_id: int | None = None) -> torch.Tensor:
     """[n_samples, seqlen] blocks: the stream is cut into consecutive blocks, and n_samples of
-    them are drawn without replacement by a seeded generator (in stream order)."""
-    available = tokens.numel() // cfg.seqlen
+    them are drawn without replacement by a seeded generator (in stream order). With cfg.bos
+    each block is bos_id followed by seqlen - 1 tokens of the stream, as a model sees a document."""
+    if cfg.bos and bos_id is None:
+        raise CalibrationError("--bos asks for a BOS token at the start of each sample, but the tokenizer has none")
+    width = cfg.seqlen - 1 if cfg.bos else cfg.seqlen
+    available = tokens.numel() // width
     if available < cfg.n_samples:
         raise CalibrationError(
             f"calibration data has {tokens.numel()} tokens, fewer than --n-samples {cfg.n_samples}"
@@ -85,10 +90,20 @@ def cut_blocks(tokens: torch.Tensor, cfg: CalibConfig, vocab_size: int | None = 
         )
     if vocab_size is not None and tokens.numel() and int(tokens.max()) >= vocab_size:
         raise CalibrationError(f"token id {int(tokens.max())} is outside the model's vocabulary ({vocab_size})")
-    blocks = tokens[: available * cfg.seqlen].reshape(available, cfg.seqlen)
+    blocks = tokens[: available * width].reshape(available, width)
     generator = torch.Generator().manual_seed(cfg.seed)
     chosen = torch.randperm(available, generator=generator)[: cfg.n_samples].sort().values
-    return blocks[chosen].contiguous()
+    blocks = blocks[chosen]
+    if cfg.bos:
+        blocks = torch.cat([torch.full((blocks.shape[0], 1), bos_id, dtype=blocks.dtype), blocks], dim=1)
+    return blocks.contiguous()
+
+
+def calibration_blocks(cfg: CalibConfig, tokenizer: Any | None, vocab_size: int) -> torch.Tensor:
+    """The run's calibration samples: the stream, cut and drawn, with the tokenizer's BOS token
+    in front of each sample where cfg.bos asks for it."""
+    bos_id = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    return cut_blocks(load_tokens(cfg, tokenizer), cfg, vocab_size, bos_id)
 
 
 def tokens_digest(blocks: torch.Tensor) -> str:

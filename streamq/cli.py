@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from .config import CalibConfig, QuantConfig, parse_size
+from .config import RECIPES, CalibConfig, QuantConfig, parse_size
 from .errors import SettingsError, StreamqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -78,7 +78,14 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda[:N]."),
     symmetric: bool = typer.Option(False, "--symmetric", help="Symmetric quantization (no data-dependent "
                                    "zero point) instead of AWQ's asymmetric min/max."),
-    duo_scaling: bool = typer.Option(False, "--duo-scaling", help="Search s = mean|x|^a / mean|w|^(1-a), "
+    recipe: str = typer.Option("default", "--recipe", help="default: the AWQ settings measured best here "
+                               "(docs/benchmarks.md); paper: the paper's exact recipe. --duo-scaling, --alpha-one "
+                               "and --bos override either."),
+    alpha_one: Optional[bool] = typer.Option(None, "--alpha-one/--no-alpha-one", help="The scale grid also tries "
+                                             "alpha = 1 (later AWQ tools do; the paper stops at 0.95)."),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Start each calibration sample with the "
+                                       "tokenizer's BOS token, as the model sees a document."),
+    duo_scaling: Optional[bool] = typer.Option(None, "--duo-scaling/--no-duo-scaling", help="Search s = mean|x|^a / mean|w|^(1-a), "
                                      "as later AWQ tools default to; off to match the paper."),
     clip: bool = typer.Option(True, "--clip/--no-clip", help="awq mode: search per-group clipping ranges "
                               "after scaling (the paper); --no-clip is the scale-only ablation."),
@@ -101,10 +108,16 @@ def run(
 
         if method != Method.awq and mode != Mode.awq:
             raise SettingsError(f"--mode {mode.value} is an ablation of --method awq, not of --method {method.value}")
+        if recipe not in RECIPES:
+            raise SettingsError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        chosen = {**RECIPES[recipe], **{k: v for k, v in (("duo_scaling", duo_scaling), ("alpha_one", alpha_one),
+                                                          ("bos", bos)) if v is not None}}
         qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
-                           mode="rtn" if method == Method.gptq else mode.value, duo_scaling=duo_scaling, clip=clip,
-                           gptq=method != Method.awq, gptq_damp=gptq_damp, next_input=next_input)
-        ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen)
+                           mode="rtn" if method == Method.gptq else mode.value, duo_scaling=chosen["duo_scaling"],
+                           alpha_one=chosen["alpha_one"], clip=clip, gptq=method != Method.awq, gptq_damp=gptq_damp,
+                           next_input=next_input)
+        ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen,
+                           bos=chosen["bos"])
         with progress() as on_block:
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,
                                       max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,

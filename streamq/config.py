@@ -25,6 +25,14 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+# AWQ recipes: the paper's exactly (its ablation rows stay reproducible), and the defaults chosen
+# by measured perplexity (docs/benchmarks.md, "Defaults by measurement")
+RECIPES = {
+    "paper": {"duo_scaling": False, "alpha_one": False, "bos": False},
+    "default": {"duo_scaling": False, "alpha_one": False, "bos": False},
+}
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """What decides the quantized weights (everything here changes the output bytes)."""
@@ -36,6 +44,7 @@ class QuantConfig:
     duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a); off to match the paper
     clip: bool = True  # awq mode: search clipping ranges after scaling (off: the scale-only ablation)
     n_grid: int = 20  # alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}
+    alpha_one: bool = False  # the grid also tries alpha = 1 (llm-compressor and AutoAWQ do; the paper's does not)
     max_shrink: float = 0.5  # clip candidates: max * (1 - i/n_grid) for i < max_shrink*n_grid
     clip_tokens: int = 512  # tokens sampled at a fixed stride for the clip search
     salient_frac: float = 0.01  # share of input channels treated as salient by s2 and keep1
@@ -91,6 +100,7 @@ class CalibConfig:
     n_samples: int = 128
     seqlen: int = 512
     seed: int = 0
+    bos: bool = False  # each sample starts with the tokenizer's BOS token (then seqlen - 1 text tokens)
 
     def __post_init__(self) -> None:
         if self.n_samples <= 0 or self.seqlen <= 1:

@@ -18,7 +18,7 @@ import torch
 from . import faults
 from .block import check_shapes, check_storable, input_source, quantize_block
 from .budget import BlockShape, Plan, forward_samples, plan_block
-from .calib import cut_blocks, load_tokens, tokens_digest
+from .calib import calibration_blocks, tokens_digest
 from .checkpoint import check_non_block_tensors, write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
 from .errors import InterruptedRun, ResumeError
@@ -114,7 +114,7 @@ def _prepare(model_dir: Path, out_dir: Path, qcfg: QuantConfig, calib: CalibConf
 
 
 def _calibration_ids(run: Run) -> torch.Tensor:
-    return cut_blocks(load_tokens(run.calib, load_tokenizer(run.model_dir)), run.calib, run.hf_config.vocab_size)
+    return calibration_blocks(run.calib, load_tokenizer(run.model_dir), run.hf_config.vocab_size)
 
 
 def _first_block_inputs(run: Run, ids: torch.Tensor) -> list[torch.Tensor]:

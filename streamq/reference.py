@@ -13,7 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from .block import BlockRecords, check_shapes, check_storable, quantize_block
 from .budget import forward_samples
-from .calib import cut_blocks, load_tokens, tokens_digest
+from .calib import calibration_blocks, tokens_digest
 from .checkpoint import write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
 from .families import detect
@@ -85,7 +85,7 @@ def quantize(
     qcfg = settle(fmt, qcfg, reader.float_dtype())
     ops = select_kernels(kernels, dev, dtype)[0]
     micro = forward_samples(dev)
-    ids = cut_blocks(load_tokens(calib, load_tokenizer(model_dir)), calib, hf_config.vocab_size)
+    ids = calibration_blocks(calib, load_tokenizer(model_dir), hf_config.vocab_size)
 
     hf_logging.disable_progress_bar()
     attn = "eager" if eager_only(hf_config) else "sdpa"  # as build_block: Gemma 2's soft-capped logits

@@ -104,11 +104,12 @@ def scaled_pseudo_quantize(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) 
     return pseudo_quantize(w * s, qcfg.w_bit, qcfg.group_size, qcfg.zero_point, qcfg.storage_torch_dtype).div_(s)
 
 
-def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: int) -> list[torch.Tensor]:
+def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: int,
+                     alpha_one: bool = False) -> list[torch.Tensor]:
     """s = mean|x|^alpha (or mean|x|^alpha / mean|w|^(1-alpha) with duo scaling) for alpha in
     {0, 1/n_grid, ...}, clamped at 1e-4 and normalised by sqrt(max s * min s); float32, host."""
     grid = []
-    for i in range(n_grid):
+    for i in range(n_grid + alpha_one):  # alpha_one: the grid reaches alpha = 1, as later AWQ tools search
         ratio = i / n_grid
         s = x_mean.pow(ratio) if w_mean is None else x_mean.pow(ratio) / w_mean.pow(1 - ratio)
         s = s.clamp(min=1e-4)
@@ -194,7 +195,7 @@ def search_scale(
     device = linears[0].weight.device
     originals = [lin.weight.data.clone() for lin in linears]
     w_mean = weight_scale(originals, qcfg.group_size) if qcfg.duo_scaling else None
-    grid = scale_candidates(x_mean, w_mean, qcfg.n_grid)
+    grid = scale_candidates(x_mean, w_mean, qcfg.n_grid, qcfg.alpha_one)
     on_host = any(x.device != device for x in x_chunks)
     losses_of = _sse_streamed if on_host and len(x_chunks) <= qcfg.n_grid else _sse_resident
     try:

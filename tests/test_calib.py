@@ -81,3 +81,14 @@ def test_missing_file_and_missing_tokenizer(tmp_path):
     (tmp_path / "t.txt").write_text("hello")
     with pytest.raises(CalibrationError, match="no tokenizer files; pass pre-tokenised ids"):
         load_tokens(CalibConfig(source=str(tmp_path / "t.txt")), None)
+
+
+def test_bos_starts_every_sample():
+    from streamq.calib import cut_blocks
+
+    cfg = CalibConfig(n_samples=3, seqlen=100, bos=True)
+    blocks = cut_blocks(torch.arange(2, 400), cfg, bos_id=1)
+    assert blocks.shape == (3, 100) and torch.all(blocks[:, 0] == 1)
+    assert torch.all(blocks[:, 2:] - blocks[:, 1:-1] == 1)  # then 99 consecutive stream tokens
+    with pytest.raises(CalibrationError, match="the tokenizer has none"):
+        cut_blocks(torch.arange(400), cfg, bos_id=None)

@@ -209,3 +209,14 @@ def test_chunk_by_chunk_and_candidate_by_candidate_orders_give_identical_losses(
     block.fc1.weight.data = originals[0]
     best, losses = search_scale(block.fc1, [block.fc1], chunks, act_scale(chunks), {}, qcfg)
     assert losses == [float(e.double().sum() / n1) for e in resident]
+
+
+def test_alpha_one_extends_the_grid_to_one():
+    from streamq.search import scale_candidates
+
+    x_mean = torch.rand(64) + 0.1
+    paper, extended = scale_candidates(x_mean, None, 20), scale_candidates(x_mean, None, 20, alpha_one=True)
+    assert len(paper) == 20 and len(extended) == 21
+    assert all(torch.equal(a, b) for a, b in zip(paper, extended))
+    expected = x_mean.clamp(min=1e-4) / (x_mean.max() * x_mean.min()).sqrt()
+    assert torch.allclose(extended[-1], expected)
