@@ -22,7 +22,12 @@ from pathlib import Path
 
 METHODS = {  # label -> run arguments
     "rtn": ["--mode", "rtn"],
-    "awq": ["--method", "awq"],
+    "awq": ["--method", "awq"],  # the default recipe
+    "awq-paper": ["--method", "awq", "--recipe", "paper"],
+    # the paper's recipe with one change each: what the default recipe is chosen from
+    "awq-paper+duo": ["--recipe", "paper", "--duo-scaling"],
+    "awq-paper+alpha1": ["--recipe", "paper", "--alpha-one"],
+    "awq-paper+bos": ["--recipe", "paper", "--bos"],
     "gptq": ["--method", "gptq"],
     "awq+gptq": ["--method", "awq+gptq"],
     "gptq-seq": ["--method", "gptq", "--next-input", "quantized"],  # the GPTQ paper's sequential order
