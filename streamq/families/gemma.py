@@ -11,10 +11,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from .base import Family, ScaleGroup, modeling_class
-from .llama import block_kwargs, gqa, skipped_v_o
+from .base import ScaleGroup
+from .llama import LLAMA, gqa
 
 
 def _scale_groups(config: Any) -> list[ScaleGroup]:
@@ -34,23 +32,12 @@ def _embed(get, config: Any, ids: torch.Tensor, device: torch.device, dtype: tor
     return rows * torch.tensor(config.hidden_size**0.5, dtype=dtype, device=device)
 
 
-def _final(find, config: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    norm = modeling_class(config, "RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
-    norm.weight = nn.Parameter(find("model.norm.weight").to(device, dtype), requires_grad=False)
-    return norm.to(device).eval()
-
-
-GEMMA2 = Family(
+GEMMA2 = dataclasses.replace(
+    LLAMA,
     name="gemma2",
     model_types=("gemma2",),
-    layers_prefix="model.layers",
     scale_groups=_scale_groups,
-    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
-    block_kwargs=block_kwargs,
     embed=_embed,
-    final=_final,
-    embed_weight="model.embed_tokens.weight",
-    skipped_groups=skipped_v_o,
     norm_offset=1.0,
     logit_softcap=lambda config: getattr(config, "final_logit_softcapping", None),
 )

@@ -4,10 +4,11 @@ o_proj's inputs are qkv_proj's v rows, down_proj's are (through the gate) gate_u
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from .base import Family, ScaleGroup
-from .llama import _embed, _final, block_kwargs, gqa, skipped_v_o
+from .base import ScaleGroup
+from .llama import LLAMA, gqa, skipped_v_o
 
 
 def _scale_groups(config: Any) -> list[ScaleGroup]:
@@ -25,16 +26,12 @@ def _scale_groups(config: Any) -> list[ScaleGroup]:
     ]
 
 
-PHI3 = Family(
+PHI3 = dataclasses.replace(
+    LLAMA,
     name="phi3",
     model_types=("phi3",),
-    layers_prefix="model.layers",
     scale_groups=_scale_groups,
     no_clip=("self_attn.qkv_proj",),  # q and k rows shape attention logits; clipped together with v or not at all
-    block_kwargs=block_kwargs,
-    embed=_embed,
-    final=_final,
-    embed_weight="model.embed_tokens.weight",
     skipped_groups=lambda config: [s.replace("self_attn.v_proj", "self_attn.qkv_proj (v rows)")
                                    for s in skipped_v_o(config)],
 )
