@@ -327,16 +327,9 @@ def test_int3_compressed_tensors_loads(tiny_models, tmp_path):
 def test_smollm2_compressed_tensors_loads_in_transformers(tmp_path):
     """The real model: its compressed-tensors output, loaded by transformers, computes the logits
     of a dense model holding streamq's dequantized weights; ppl is the same on the AWQ output."""
-    from test_fp16 import smollm2_dir
+    from test_fp16 import smollm2_and_texts
 
-    model_dir = smollm2_dir()
-    if model_dir is None:
-        pytest.skip("no SmolLM2 build: python tools/make_smollm2.py --out DIR, then STREAMQ_SMOLLM2=DIR")
-    from streamq.assets import cache_dir
-
-    calib_text, eval_path = cache_dir() / "calib-python-reference.txt", cache_dir() / "eval-docutils-docs.txt"
-    if not (calib_text.is_file() and eval_path.is_file()):
-        pytest.skip("no texts: python tools/make_texts.py --out $STREAMQ_CACHE")
+    model_dir, calib_text, eval_path = smollm2_and_texts()
     out = tmp_path / "ct"
     engine.quantize(model_dir, out, QuantConfig(group_size=64), CalibConfig(source=str(calib_text), n_samples=4,
                     seqlen=128), device="cpu", format="compressed-tensors")

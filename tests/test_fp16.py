@@ -210,27 +210,26 @@ def test_compute_dtype_is_recorded_and_kept_by_resume(tiny_models, tmp_path):
     assert checkpoint_bytes(tmp_path / "cut") == checkpoint_bytes(tmp_path / "whole")
 
 
-def smollm2_dir() -> Path | None:
+def smollm2_and_texts() -> tuple[Path, Path, Path]:
+    """The real model (tools/make_smollm2.py; never fetched by a test) and the calibration and
+    evaluation texts, or a skip saying how to build them."""
     from streamq.assets import cache_dir
 
-    for path in (os.environ.get("STREAMQ_SMOLLM2"), cache_dir() / "smollm2-135m"):
-        if path and (Path(path) / "config.json").is_file():
-            return Path(path)
-    return None
+    model = next((Path(p) for p in (os.environ.get("STREAMQ_SMOLLM2"), cache_dir() / "smollm2-135m")
+                  if p and (Path(p) / "config.json").is_file()), None)
+    if model is None:
+        pytest.skip("no SmolLM2 build: python tools/make_smollm2.py --out DIR, then STREAMQ_SMOLLM2=DIR")
+    calib_text, eval_path = cache_dir() / "calib-python-reference.txt", cache_dir() / "eval-docutils-docs.txt"
+    if not (calib_text.is_file() and eval_path.is_file()):
+        pytest.skip("no texts: python tools/make_texts.py --out $STREAMQ_CACHE")
+    return model, calib_text, eval_path
 
 
 @pytest.mark.slow
 def test_smollm2_float16_path_within_one_percent_of_float32(tmp_path):
     """The real model (tools/make_smollm2.py; never fetched by a test): AWQ INT4 g64 through the
     GPU's float16 arithmetic on the CPU, against the float32 path, same calibration and text."""
-    model = smollm2_dir()
-    if model is None:
-        pytest.skip("no SmolLM2 build: python tools/make_smollm2.py --out DIR, then STREAMQ_SMOLLM2=DIR")
-    from streamq.assets import cache_dir
-
-    calib_text, eval_path = cache_dir() / "calib-python-reference.txt", cache_dir() / "eval-docutils-docs.txt"
-    if not (calib_text.is_file() and eval_path.is_file()):
-        pytest.skip("no texts: python tools/make_texts.py --out $STREAMQ_CACHE")
+    model, calib_text, eval_path = smollm2_and_texts()
     calib = CalibConfig(source=str(calib_text), n_samples=int(os.environ.get("STREAMQ_FP16_SAMPLES", "8")), seqlen=256)
     ppl = {}
     for dt in ("float32", "float16"):
