@@ -15,7 +15,7 @@ from torch import nn
 from .config import QuantConfig
 from .errors import NumericError
 from .families import Family
-from .formats import Format, dequantize, linear_tensors
+from .formats import Format, dense_state
 from .formats.awq import AWQ
 from .gptq import NotPositiveDefinite, gptq_quantize, hessian, scaled_hessian
 from .kernels import TORCH, Ops
@@ -45,6 +45,10 @@ class BlockRecords:
     scales: list[ScaleRecord] = field(default_factory=list)
     clips: list[ClipRecord] = field(default_factory=list)
     salient: dict[str, torch.Tensor] = field(default_factory=dict)  # keep1: kept channels
+
+    def scales_by_linear(self) -> dict[str, torch.Tensor]:
+        """Each scaled linear's s (its inputs are x / s)."""
+        return {n: r.scales for r in self.scales for n in r.linears}
 
 
 def linear_names(block: nn.Module) -> list[str]:
@@ -173,7 +177,7 @@ def search_block(
         for record in records.scales:
             check_foldable(block, record)
     if qcfg.mode == "awq" and qcfg.clip:
-        scale_of = {n: r.scales for r in records.scales for n in r.linears}
+        scale_of = records.scales_by_linear()
         for name in linear_names(block):
             if name in family.no_clip:
                 continue
@@ -221,10 +225,7 @@ def quantized_copy(block: nn.Module, tensors: dict[str, torch.Tensor], qcfg: Qua
     """A copy of the block computing with the written tensors: packed linears dequantized as a
     loader does, every other tensor as stored; in the block's dtype, on its device."""
     param = next(block.parameters())
-    state = dict(tensors)
-    for base, names in linear_tensors(fmt, list(tensors)).items():
-        packed = {suffix: state.pop(name).to(param.device) for suffix, name in names.items()}
-        state[f"{base}.weight"] = dequantize(fmt, packed, qcfg.w_bit)
+    state = dense_state(fmt, tensors, qcfg.w_bit, param.device)
     twin = copy.deepcopy(block)
     twin.load_state_dict({k: v.to(param.device, param.dtype) for k, v in state.items()}, strict=True)
     return twin
@@ -235,7 +236,7 @@ def hessian_source(block: nn.Module, family: Family, config: Any, feats: dict[st
     """For GPTQ: each linear's input Hessian, computed from the captured inputs when asked for
     and kept while the next linear shares it (q/k/v, gate/up: same inputs, same scales)."""
     source = input_source(block, family, config)
-    scale_of = {n: r.scales for r in records.scales for n in r.linears}
+    scale_of = records.scales_by_linear()
     device = next(block.parameters()).device
     cache: dict[str, torch.Tensor] = {}
 

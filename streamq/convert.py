@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import INT3_PACKING, copy_extras, output_config, storable
+from .checkpoint import INT3_PACKING, copy_extras, output_config, storable, write_non_block_tensors
 from .config import QuantConfig
 from .errors import InputError, NumericError, OutputError
 from .families import detect
@@ -124,11 +124,8 @@ def convert(in_dir: str | Path, out_dir: str | Path, format: str, shard_bytes: i
         reader.release()
         if on_block:
             on_block(i + 1, n_layers)
-    block_root = family.layers_prefix + "."
-    for name in reader.names():
-        if not name.startswith(block_root):
-            writer.add(name, storable(name, reader.get(name), qcfg.storage_torch_dtype))
-            n_tensors += 1
+    write_non_block_tensors(reader, family, writer, qcfg.storage_torch_dtype)
+    n_tensors += sum(not name.startswith(family.layers_prefix + ".") for name in reader.names())
     reader.release()
     writer.finish()
     write_json_atomic(out_dir / "config.json", output_config(in_dir, dst, qcfg, family.extra_linears(hf_config)))

@@ -25,12 +25,11 @@ from .calib import read_ids, read_text
 from .errors import CalibrationError, SettingsError
 from .families import Family, build_block, detect
 from .families.base import meta_block
-from .kernels import TORCH
+from .kernels import TORCH, Ops
 from .kernels import select as select_kernels
 from .memory import peak_device, peak_rss, reset_peaks
 from .models import compute_dtype, dtype_name, load_config, load_tokenizer, resolve_device
-from .formats import Format, dequantize, linear_tensors, reading
-from .kernels import Ops
+from .formats import Format, dense_state, reading
 from .search import run_module
 from .shards import ShardReader
 
@@ -122,19 +121,7 @@ def block_state(reader: ShardReader, prefix: str, device: torch.device,
     checkpoint (`packed`: its format and bits) become `weight`s, dequantized on `device` as a
     loader computes them (by the format's kernel where the run has one)."""
     raw = reader.with_prefix(prefix)
-    if packed is None:
-        return dict(raw)
-    fmt, bits = packed
-    linears = linear_tensors(fmt, list(raw))
-    consumed = {name for names in linears.values() for name in names.values()}
-    state = {name: t for name, t in raw.items() if name not in consumed}
-    for base, names in linears.items():
-        tensors = {suffix: raw[name].to(device) for suffix, name in names.items()}
-        if fmt.kernel_dequantize is not None:
-            state[base + ".weight"] = fmt.kernel_dequantize(tensors, ops)
-        else:
-            state[base + ".weight"] = dequantize(fmt, tensors, bits)
-    return state
+    return dense_state(packed[0], raw, packed[1], device, ops) if packed else dict(raw)
 
 
 def plan_chunk(block: nn.Module, hf_config: Any, n_segments: int, seqlen: int, elem: int,

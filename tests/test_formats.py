@@ -24,7 +24,7 @@ from streamq import engine, reference
 from streamq.cli import app
 from streamq.config import CalibConfig, QuantConfig
 from streamq.errors import InputError, NumericError
-from streamq.formats import AWQ, COMPRESSED_TENSORS, dequantize, linear_tensors
+from streamq.formats import AWQ, COMPRESSED_TENSORS, dense_state, dequantize, linear_tensors
 from streamq.formats.compressed_tensors import pack_dense, unpack_dense
 from streamq.ppl import perplexity
 from streamq.shards import ShardReader
@@ -48,11 +48,8 @@ def our_weights(out: Path, fmt) -> dict[str, torch.Tensor]:
 
 def dense_twin(out: Path, fmt, dst: Path) -> Path:
     """A plain checkpoint holding streamq's own dequantized weights (what a loader must compute)."""
-    tensors = stored(out)
-    weights = our_weights(out, fmt)
-    dense = {k: v for k, v in tensors.items()
-             if not any(k.startswith(base + ".") and k[len(base) + 1:] in fmt.suffixes for base in weights)}
-    dense.update({f"{base}.weight": w for base, w in weights.items()})
+    bits = json.loads((out / "streamq.json").read_text())["quant"]["w_bit"]
+    dense = dense_state(fmt, stored(out), bits, torch.device("cpu"))
     dst.mkdir(parents=True)
     save_file(dense, str(dst / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())

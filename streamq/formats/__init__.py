@@ -11,12 +11,12 @@ import torch
 from ..config import QuantConfig
 from ..errors import SettingsError, UnsupportedModelError
 from .awq import AWQ
-from .base import Format, config_dict, dequantize, linear_tensors
+from .base import Format, config_dict, dense_state, dequantize, linear_tensors
 from .compressed_tensors import COMPRESSED_TENSORS
 
 FORMATS: dict[str, Format] = {f.name: f for f in (COMPRESSED_TENSORS, AWQ)}
 
-__all__ = ["FORMATS", "Format", "by_name", "dequantize", "linear_tensors", "reading", "settle"]
+__all__ = ["FORMATS", "Format", "by_name", "dense_state", "dequantize", "linear_tensors", "reading", "settle"]
 
 
 def by_name(name: str) -> Format:

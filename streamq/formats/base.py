@@ -47,6 +47,23 @@ def dequantize(fmt: Format, tensors: dict[str, torch.Tensor], bits: int) -> torc
     return w.reshape(codes.shape).to(scales.dtype)
 
 
+def dense_state(fmt: Format, raw: dict[str, torch.Tensor], bits: int, device: torch.device,
+                ops: Any = None) -> dict[str, torch.Tensor]:
+    """Tensors by name with every packed linear replaced by its dequantized `weight` (computed on
+    `device`, by the format's kernel where `ops` are given and the format has one: the same
+    values), every other tensor as it is."""
+    linears = linear_tensors(fmt, list(raw))
+    consumed = {name for names in linears.values() for name in names.values()}
+    state = {name: t for name, t in raw.items() if name not in consumed}
+    for base, names in linears.items():
+        tensors = {suffix: raw[name].to(device) for suffix, name in names.items()}
+        if ops is not None and fmt.kernel_dequantize is not None:
+            state[base + ".weight"] = fmt.kernel_dequantize(tensors, ops)
+        else:
+            state[base + ".weight"] = dequantize(fmt, tensors, bits)
+    return state
+
+
 def linear_tensors(fmt: Format, names: list[str]) -> dict[str, dict[str, str]]:
     """Packed linears among tensor names: {linear: {suffix: full name}}."""
     bases = [n[: -len(fmt.marker) - 1] for n in names if n.endswith("." + fmt.marker)]
