@@ -272,7 +272,7 @@ def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig, f
         if qcfg.gptq:
             try:
                 codes, scales, zeros = gptq_quantize(w, hessians(name), qcfg.w_bit, qcfg.group_size, qcfg.zero_point,
-                                                     storage, qcfg.gptq_damp)
+                                                     storage, qcfg.gptq_damp, act_order=qcfg.gptq_act_order)
             except NotPositiveDefinite as exc:
                 raise NumericError(f"GPTQ cannot quantize {where}{name}: the Hessian of its inputs is {exc}; calibrate "
                                    "with more samples (--n-samples) or raise --gptq-damp") from None

@@ -64,6 +64,9 @@ def run(
                                   "scales and clips, then GPTQ's rounding."),
     gptq_damp: float = typer.Option(0.01, "--gptq-damp", help="GPTQ's dampening: this share of the mean diagonal "
                                     "is added to each linear's input Hessian."),
+    gptq_act_order: bool = typer.Option(False, "--gptq-act-order/--no-gptq-act-order", help="GPTQ rounds the "
+                                        "columns with the most input energy first (descending Hessian diagonal), "
+                                        "with static groups, so the output packs as without it."),
     next_input: str = typer.Option("fp16", "--next-input", help="fp16: each block is calibrated on the "
                                    "unquantized model's activations (llm-awq; blocks independent); quantized: on "
                                    "the quantized blocks' outputs (the GPTQ paper's sequential order)."),
@@ -79,10 +82,13 @@ def run(
     symmetric: bool = typer.Option(False, "--symmetric", help="Symmetric quantization (no data-dependent "
                                    "zero point) instead of AWQ's asymmetric min/max."),
     recipe: str = typer.Option("default", "--recipe", help="default: the AWQ settings measured best here "
-                               "(docs/benchmarks.md); paper: the paper's exact recipe. --duo-scaling, --alpha-one "
-                               "and --bos override either."),
+                               "(docs/benchmarks.md); paper: the paper's exact recipe. --duo-scaling, --alpha-one, "
+                               "--identity and --bos override either."),
     alpha_one: Optional[bool] = typer.Option(None, "--alpha-one/--no-alpha-one", help="The scale grid also tries "
                                              "alpha = 1 (later AWQ tools do; the paper stops at 0.95)."),
+    identity: Optional[bool] = typer.Option(None, "--identity/--no-identity", help="With --duo-scaling, the scale "
+                                            "grid also tries s = 1, no scaling (llm-compressor's grid does; without "
+                                            "duo scaling alpha = 0 is s = 1 already)."),
     bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Start each calibration sample with the "
                                        "tokenizer's BOS token, as the model sees a document."),
     duo_scaling: Optional[bool] = typer.Option(None, "--duo-scaling/--no-duo-scaling", help="Search s = mean|x|^a / mean|w|^(1-a), "
@@ -108,13 +114,16 @@ def run(
 
         if method != Method.awq and mode != Mode.awq:
             raise SettingsError(f"--mode {mode.value} is an ablation of --method awq, not of --method {method.value}")
+        if gptq_act_order and method == Method.awq:
+            raise SettingsError("--gptq-act-order orders GPTQ's columns: use it with --method gptq or awq+gptq")
         if recipe not in RECIPES:
             raise SettingsError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
         chosen = {**RECIPES[recipe], **{k: v for k, v in (("duo_scaling", duo_scaling), ("alpha_one", alpha_one),
-                                                          ("bos", bos)) if v is not None}}
+                                                          ("identity", identity), ("bos", bos)) if v is not None}}
         qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
                            mode="rtn" if method == Method.gptq else mode.value, duo_scaling=chosen["duo_scaling"],
-                           alpha_one=chosen["alpha_one"], clip=clip, gptq=method != Method.awq, gptq_damp=gptq_damp,
+                           alpha_one=chosen["alpha_one"], identity=chosen["identity"], clip=clip,
+                           gptq=method != Method.awq, gptq_damp=gptq_damp, gptq_act_order=gptq_act_order,
                            next_input=next_input)
         ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen,
                            bos=chosen["bos"])

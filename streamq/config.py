@@ -28,8 +28,8 @@ def parse_size(text: str) -> int:
 # AWQ recipes: the paper's exactly (its ablation rows stay reproducible), and the defaults chosen
 # by measured perplexity (docs/benchmarks.md, "Defaults by measurement")
 RECIPES = {
-    "paper": {"duo_scaling": False, "alpha_one": False, "bos": False},
-    "default": {"duo_scaling": False, "alpha_one": False, "bos": False},
+    "paper": {"duo_scaling": False, "alpha_one": False, "identity": False, "bos": False},
+    "default": {"duo_scaling": False, "alpha_one": False, "identity": False, "bos": False},
 }
 
 
@@ -45,6 +45,9 @@ class QuantConfig:
     clip: bool = True  # awq mode: search clipping ranges after scaling (off: the scale-only ablation)
     n_grid: int = 20  # alpha in {0, 1/n_grid, ..., (n_grid-1)/n_grid}
     alpha_one: bool = False  # the grid also tries alpha = 1 (llm-compressor and AutoAWQ do; the paper's does not)
+    # the grid also tries s = 1, no scaling (llm-compressor's duo grid does): without duo scaling
+    # alpha = 0 is s = 1 already, so this adds a candidate only with duo_scaling
+    identity: bool = False
     max_shrink: float = 0.5  # clip candidates: max * (1 - i/n_grid) for i < max_shrink*n_grid
     clip_tokens: int = 512  # tokens sampled at a fixed stride for the clip search
     salient_frac: float = 0.01  # share of input channels treated as salient by s2 and keep1
@@ -53,6 +56,7 @@ class QuantConfig:
     storage_dtype: str = "float16"
     gptq: bool = False  # round with GPTQ (after AWQ's scales and clips in awq mode) instead of to nearest
     gptq_damp: float = 0.01  # GPTQ's dampening, a share of the Hessian's mean diagonal
+    gptq_act_order: bool = False  # GPTQ's columns by descending Hessian diagonal, static groups (gptq.py)
     # the next block's calibration inputs: this block's unquantized outputs (fp16, as llm-awq; blocks
     # stay independent) or its quantized outputs (quantized, as the GPTQ paper)
     next_input: str = "fp16"

@@ -2,10 +2,15 @@
 column-by-column rounding with the error spread over the columns not yet quantized, through the
 upper Cholesky factor of the inverse Hessian, in lazy blocks of columns.
 
-Groups are contiguous runs of `group_size` input columns (no act-order), so the result packs into
-both output formats; each group's scale and zero point come from its columns as they stand when
-the algorithm reaches the group's first column (the reference implementation's choice), rounded
-to the storage dtype like every other scale streamq writes. Everything is float32."""
+Groups are contiguous runs of `group_size` input columns, so the result packs into both output
+formats; by default columns go in order and each group's scale and zero point come from its
+columns as they stand when the algorithm reaches the group's first column (the reference
+implementation's choice). With act_order, columns go in descending order of the Hessian's diagonal
+(the inputs with the most energy first, while the most columns remain to absorb their error) and
+the groups are static: each group's parameters come from its columns before any update, so a
+column's group stays that of its position in the checkpoint and no group index is stored (the
+"static groups" of the GPTQ code and llm-compressor's default). Scales are rounded to the storage
+dtype like every other scale streamq writes. Everything is float32."""
 
 from __future__ import annotations
 
@@ -68,20 +73,28 @@ def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_int: in
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True,
-                  scale_dtype: torch.dtype = torch.float16, damp: float = DAMP,
-                  block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  scale_dtype: torch.dtype = torch.float16, damp: float = DAMP, block: int = BLOCK,
+                  act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of w [out, in] (float32, consumed) for inputs whose Hessian is h [in, in]:
-    (codes uint8 [out, in], scales [out, in/g] and zeros [out, in/g], float32)."""
+    (codes uint8 [out, in], scales [out, in/g] and zeros [out, in/g], float32), in the
+    checkpoint's column order whatever the processing order."""
     out_features, in_features = w.shape
     if block % group_size and group_size % block:
         raise ValueError(f"block {block} and group size {group_size} must divide one another")
-    hinv, dead = inverse_factor(h, damp)
-    w[:, dead] = 0
+    w[:, torch.diag(h) == 0] = 0  # dead inputs (inverse_factor gives them a unit diagonal)
     max_int = 2**w_bit - 1
     n_group = in_features // group_size
     codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
-    scales = torch.empty(out_features, n_group, dtype=torch.float32, device=w.device)
-    zeros = torch.empty(out_features, n_group, dtype=torch.float32, device=w.device)
+    if act_order:
+        scales, zeros = quant_params(w, w_bit, group_size, zero_point, scale_dtype)  # static groups
+        order = torch.argsort(torch.diag(h), descending=True, stable=True)
+        w, h = w[:, order], h[order][:, order]
+        order = order.tolist()
+    else:
+        scales = torch.empty(out_features, n_group, dtype=torch.float32, device=w.device)
+        zeros = torch.empty(out_features, n_group, dtype=torch.float32, device=w.device)
+        order = range(in_features)
+    hinv, _ = inverse_factor(h, damp)
     scale = zero = None
     for i1 in range(0, in_features, block):
         i2 = min(i1 + block, in_features)
@@ -89,11 +102,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int,
         err1 = torch.empty_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % group_size == 0:  # the group's parameters from its columns as they stand now
+            col = order[i1 + i]  # the column's place in the checkpoint
+            if act_order:
+                scale, zero = scales[:, col // group_size, None], zeros[:, col // group_size, None]
+            elif col % group_size == 0:  # the group's parameters from its columns as they stand now
                 g = col // group_size
-                cols = w[:, col:col + group_size]
-                scale, zero = quant_params(cols, w_bit, group_size, zero_point, scale_dtype)
+                scale, zero = quant_params(w[:, col:col + group_size], w_bit, group_size, zero_point, scale_dtype)
                 scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
             q = _round(w1[:, i], scale[:, 0], zero[:, 0], max_int)
             codes[:, col] = q.to(torch.uint8)

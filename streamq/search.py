@@ -105,10 +105,11 @@ def scaled_pseudo_quantize(w: torch.Tensor, s: torch.Tensor, qcfg: QuantConfig) 
 
 
 def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: int,
-                     alpha_one: bool = False) -> list[torch.Tensor]:
+                     alpha_one: bool = False, identity: bool = False) -> list[torch.Tensor]:
     """s = mean|x|^alpha (or mean|x|^alpha / mean|w|^(1-alpha) with duo scaling) for alpha in
-    {0, 1/n_grid, ...}, clamped at 1e-4 and normalised by sqrt(max s * min s); float32, host."""
-    grid = []
+    {0, 1/n_grid, ...}, clamped at 1e-4 and normalised by sqrt(max s * min s); float32, host.
+    identity: with duo scaling, s = 1 (no scaling) comes first, as no alpha gives it."""
+    grid = [torch.ones_like(x_mean)] if identity and w_mean is not None else []
     for i in range(n_grid + alpha_one):  # alpha_one: the grid reaches alpha = 1, as later AWQ tools search
         ratio = i / n_grid
         s = x_mean.pow(ratio) if w_mean is None else x_mean.pow(ratio) / w_mean.pow(1 - ratio)
@@ -195,7 +196,7 @@ def search_scale(
     device = linears[0].weight.device
     originals = [lin.weight.data.clone() for lin in linears]
     w_mean = weight_scale(originals, qcfg.group_size) if qcfg.duo_scaling else None
-    grid = scale_candidates(x_mean, w_mean, qcfg.n_grid, qcfg.alpha_one)
+    grid = scale_candidates(x_mean, w_mean, qcfg.n_grid, qcfg.alpha_one, qcfg.identity)
     on_host = any(x.device != device for x in x_chunks)
     losses_of = _sse_streamed if on_host and len(x_chunks) <= qcfg.n_grid else _sse_resident
     try:

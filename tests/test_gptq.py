@@ -177,3 +177,65 @@ def test_next_input_from_the_quantized_block(tiny_models, tmp_path):
     seq, indep = tensors(tmp_path / "s"), tensors(tmp_path / "fp16")
     assert all(torch.equal(seq[k], indep[k]) for k in seq if k.startswith("model.layers.0."))
     assert not all(torch.equal(seq[k], indep[k]) for k in seq if k.startswith("model.layers.1.") and "qweight" in k)
+
+
+def paper_gptq_act_order(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int, damp: float = 0.01):
+    """Act-order with static groups, straightforwardly: every group's parameters from the
+    original columns, then the permuted matrix column by column, each column rounded with its
+    own group's parameters, and the codes put back in the original order."""
+    w = w.clone()
+    w[:, torch.diag(h) == 0] = 0
+    scales, zeros = quant_params(w, w_bit, group_size)
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+    wp, hp = w[:, perm], h[perm][:, perm].clone()
+    dead = torch.diag(hp) == 0
+    hp[dead, dead] = 1
+    hp += damp * torch.mean(torch.diag(hp)) * torch.eye(hp.shape[0])
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True)
+    codes = torch.zeros(w.shape, dtype=torch.uint8)
+    for i in range(w.shape[1]):
+        g = int(perm[i]) // group_size
+        s, z = scales[:, g], zeros[:, g]
+        q = torch.clamp(torch.round(wp[:, i] / s) + z, 0, 2**w_bit - 1)
+        codes[:, perm[i]] = q.to(torch.uint8)
+        err = (wp[:, i] - (q - z) * s) / hinv[i, i]
+        wp[:, i:] -= err[:, None] * hinv[i, i:][None, :]
+    return codes, scales, zeros
+
+
+@pytest.mark.parametrize("w_bit,group_size", [(4, 64), (3, 32)])
+def test_act_order_is_static_groups_in_descending_hessian_order(w_bit, group_size):
+    w, x = outlier_layer(7 + w_bit)
+    x[:, 40] = 0  # a dead input: last in the order, its weights zeroed
+    x[:, 100:110] *= 8  # energetic inputs away from the first group: the order is not the identity
+    h = x.t() @ x
+    ours = gptq_quantize(w.clone(), h, w_bit, group_size, block=1, act_order=True)
+    expected = paper_gptq_act_order(w, h, w_bit, group_size)
+    for a, b in zip(ours, expected):
+        assert torch.equal(a, b)
+    assert torch.all(dequantize(*ours, torch.float32)[:, 40] == 0)
+    in_order = gptq_quantize(w.clone(), h, w_bit, group_size, block=1)
+    assert not torch.equal(ours[0], in_order[0])
+    s, z = quant_params(torch.where(x.abs().sum(0) == 0, 0, w), w_bit, group_size)  # static: the original groups
+    assert torch.equal(ours[1], s) and torch.equal(ours[2], z)
+    batched = gptq_quantize(w.clone(), h, w_bit, group_size, act_order=True)
+    assert (batched[0] == ours[0]).float().mean() > 0.99 and torch.equal(batched[1], ours[1])
+    rtn = dequantize(quantize(w, s, z, w_bit), s, z, torch.float32)
+    act = dequantize(*ours, torch.float32)
+    err = {k: float((x @ (q - w).t()).square().sum()) for k, q in (("rtn", rtn), ("act", act))}
+    assert err["act"] < 0.7 * err["rtn"], err
+
+
+def test_act_order_run_equals_reference_and_needs_gptq(tiny_models, tmp_path):
+    qcfg = QuantConfig(mode="awq", gptq=True, gptq_act_order=True)
+    path = tiny_models["llama"]
+    reference.quantize(path, tmp_path / "ref", qcfg, CALIB, chunk_samples=4, device="cpu")
+    minimum = engine.plan(path, qcfg, CALIB, device="cpu").minimum_bytes
+    engine.quantize(path, tmp_path / "s", qcfg, CALIB, device="cpu", max_gpu_mem=minimum)
+    assert checkpoint_bytes(tmp_path / "s") == checkpoint_bytes(tmp_path / "ref")
+    engine.quantize(path, tmp_path / "plain", QuantConfig(mode="awq", gptq=True), CALIB, device="cpu")
+    assert checkpoint_bytes(tmp_path / "plain") != checkpoint_bytes(tmp_path / "ref")
+    result = CliRunner().invoke(app, ["run", "--model", str(path), "--output", str(tmp_path / "x"),
+                                      "--gptq-act-order"])
+    assert result.exit_code == 2 and "--method gptq or awq+gptq" in result.output
+    assert not (tmp_path / "x").exists()

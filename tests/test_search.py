@@ -220,3 +220,16 @@ def test_alpha_one_extends_the_grid_to_one():
     assert all(torch.equal(a, b) for a, b in zip(paper, extended))
     expected = x_mean.clamp(min=1e-4) / (x_mean.max() * x_mean.min()).sqrt()
     assert torch.allclose(extended[-1], expected)
+
+
+def test_identity_is_a_candidate_only_where_no_alpha_gives_it():
+    from streamq.search import scale_candidates
+
+    x_mean, w_mean = torch.rand(64) + 0.1, torch.rand(64) + 0.1
+    duo, with_identity = scale_candidates(x_mean, w_mean, 20), scale_candidates(x_mean, w_mean, 20, identity=True)
+    assert len(with_identity) == 21 and torch.equal(with_identity[0], torch.ones(64))
+    assert all(torch.equal(a, b) for a, b in zip(duo, with_identity[1:]))
+    assert not any(torch.equal(s, torch.ones(64)) for s in duo)
+    paper = scale_candidates(x_mean, None, 20)  # alpha = 0 is s = 1 already: nothing is added
+    assert torch.equal(paper[0], torch.ones(64))
+    assert all(torch.equal(a, b) for a, b in zip(paper, scale_candidates(x_mean, None, 20, identity=True)))

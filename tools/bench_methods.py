@@ -28,6 +28,10 @@ METHODS = {  # label -> run arguments
     "awq-paper+duo": ["--recipe", "paper", "--duo-scaling"],
     "awq-paper+alpha1": ["--recipe", "paper", "--alpha-one"],
     "awq-paper+bos": ["--recipe", "paper", "--bos"],
+    "awq-paper+duo+identity": ["--recipe", "paper", "--duo-scaling", "--identity"],
+    # llm-compressor's grid (duo scaling, s = 1, alpha up to 1), with and without streamq's clip search
+    "awq-peer-grid": ["--recipe", "paper", "--duo-scaling", "--identity", "--alpha-one"],
+    "awq-peer-grid-noclip": ["--recipe", "paper", "--duo-scaling", "--identity", "--alpha-one", "--no-clip"],
     "gptq": ["--method", "gptq"],
     "awq+gptq": ["--method", "awq+gptq"],
     "gptq-seq": ["--method", "gptq", "--next-input", "quantized"],  # the GPTQ paper's sequential order
@@ -56,6 +60,8 @@ def main() -> None:
     parser.add_argument("--eval-segments", type=int, default=8)
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--out", type=Path, default=None, help="also write every figure here (JSON)")
+    parser.add_argument("--append", action="store_true", help="merge into --out: rows of the same pair, method "
+                        "and bits are replaced, others kept (the settings must be the same)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,6 +103,13 @@ def main() -> None:
     for r in rows:
         print(f"| {r['pair']} | {r['method']} | {r['bits']} | {r['ppl']:.4f} | {r.get('seconds', '')} | "
               f"{r.get('peak_rss_gib', '')} |")
+    if args.out and args.append and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        if {k: v for k, v in old["settings"].items() if k != "machine"} != \
+                {k: v for k, v in settings.items() if k != "machine"}:
+            sys.exit(f"--append: {args.out} holds other settings: {old['settings']}")
+        new = {(r["pair"], r["method"], r["bits"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["pair"], r["method"], r["bits"]) not in new] + rows
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
