@@ -1,12 +1,15 @@
 """The peer side of tools/bench_peer.py, run with the peer's own interpreter (tools/install_peer.sh):
-quantize with llm-compressor's AWQ, or decompress its output to a plain fp16 checkpoint.
+quantize with llm-compressor's AWQ, GPTQ or both, or decompress its output to a plain fp16 checkpoint.
 
     PEER/bin/python tools/peer_awq.py quantize --model M --calib ids.npy --out OUT --group-size 64
+    PEER/bin/python tools/peer_awq.py quantize --method gptq ... ; --method awq+gptq ...
     PEER/bin/python tools/peer_awq.py decompress --src OUT --dst OUT-fp16
 
 `quantize` feeds the given [n_samples, seqlen] token blocks as they are (no shuffling, no
-truncation), with the recipe AWQModifier + QuantizationModifier (INT4, asymmetric, group
-quantization) that llm-compressor documents, and saves compressed-tensors. Only this process
+truncation), with the recipes llm-compressor documents: AWQModifier + QuantizationModifier,
+GPTQModifier, or AWQModifier + GPTQModifier (INT4 or INT3, asymmetric, group quantization;
+GPTQModifier's own defaults: dampening 0.01, 128-column blocks, act-order "static" unless
+--actorder none), and saves compressed-tensors. Only this process
 is measured by the benchmark; it imports nothing from streamq.
 
 One patch, printed when applied: llm-compressor 0.14 pins the cached block inputs with
@@ -71,6 +74,7 @@ def quantize(args: argparse.Namespace) -> None:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from transformers import AutoModelForCausalLM
@@ -85,11 +89,13 @@ def quantize(args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     weights = QuantizationArgs(num_bits=args.bits, type="int", strategy="group", group_size=args.group_size,
                                symmetric=False, dynamic=False)
-    recipe = [
-        AWQModifier(duo_scaling=args.duo_scaling, n_grid=N_GRID),
-        QuantizationModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                             ignore=["lm_head"]),
-    ]
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    recipe = [AWQModifier(duo_scaling=args.duo_scaling, n_grid=N_GRID)] if args.method != "gptq" else []
+    if args.method == "awq":
+        recipe.append(QuantizationModifier(config_groups=groups, ignore=["lm_head"]))
+    else:
+        extra = {} if args.actorder == "default" else {"actorder": None if args.actorder == "none" else args.actorder}
+        recipe.append(GPTQModifier(config_groups=groups, ignore=["lm_head"], **extra))
     counts = count_quantized_forwards(model) if args.probe else None
     oneshot(model=model, processor=processor(args.model, model.config.vocab_size), dataset=data, recipe=recipe, num_calibration_samples=len(blocks),
             max_seq_length=blocks.shape[1], shuffle_calibration_samples=False, pipeline="sequential",
@@ -163,6 +169,9 @@ def main() -> None:
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128)
     q.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, float16, bfloat16")
+    q.add_argument("--method", default="awq", choices=["awq", "gptq", "awq+gptq"])
+    q.add_argument("--actorder", default="default", choices=["default", "static", "none"],
+                   help="GPTQModifier's act-order (default: its own default, static in 0.14)")
     q.add_argument("--duo-scaling", default="true", choices=["true", "false", "both"])
     q.add_argument("--grid", default="peer", choices=["peer", "streamq"],
                    help="streamq: search the scale over streamq's alpha grid (attribution only)")
