@@ -83,7 +83,7 @@ def run(
                                    "zero point) instead of AWQ's asymmetric min/max."),
     recipe: str = typer.Option("default", "--recipe", help="default: the AWQ settings measured best here "
                                "(docs/benchmarks.md); paper: the paper's exact recipe. --duo-scaling, --alpha-one, "
-                               "--identity and --bos override either."),
+                               "--identity, --bos and --clip-tokens override either."),
     alpha_one: Optional[bool] = typer.Option(None, "--alpha-one/--no-alpha-one", help="The scale grid also tries "
                                              "alpha = 1 (later AWQ tools do; the paper stops at 0.95)."),
     identity: Optional[bool] = typer.Option(None, "--identity/--no-identity", help="With --duo-scaling, the scale "
@@ -93,6 +93,9 @@ def run(
                                        "tokenizer's BOS token, as the model sees a document."),
     duo_scaling: Optional[bool] = typer.Option(None, "--duo-scaling/--no-duo-scaling", help="Search s = mean|x|^a / mean|w|^(1-a), "
                                      "as later AWQ tools default to; off to match the paper."),
+    clip_tokens: Optional[int] = typer.Option(None, "--clip-tokens", help="Calibration tokens the clip "
+                                              "search judges on, taken at a fixed stride (the paper: 512; more "
+                                              "than there are takes all)."),
     clip: bool = typer.Option(True, "--clip/--no-clip", help="awq mode: search per-group clipping ranges "
                               "after scaling (the paper); --no-clip is the scale-only ablation."),
     max_gpu_mem: Optional[str] = typer.Option(None, "--max-gpu-mem", help="Memory ceiling for one block's "
@@ -116,13 +119,17 @@ def run(
             raise SettingsError(f"--mode {mode.value} is an ablation of --method awq, not of --method {method.value}")
         if gptq_act_order and method == Method.awq:
             raise SettingsError("--gptq-act-order orders GPTQ's columns: use it with --method gptq or awq+gptq")
+        if clip_tokens is not None and clip_tokens < 1:
+            raise SettingsError(f"--clip-tokens must be at least 1, got {clip_tokens}")
         if recipe not in RECIPES:
             raise SettingsError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
         chosen = {**RECIPES[recipe], **{k: v for k, v in (("duo_scaling", duo_scaling), ("alpha_one", alpha_one),
-                                                          ("identity", identity), ("bos", bos)) if v is not None}}
+                                                          ("identity", identity), ("bos", bos),
+                                                          ("clip_tokens", clip_tokens)) if v is not None}}
         qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
                            mode="rtn" if method == Method.gptq else mode.value, duo_scaling=chosen["duo_scaling"],
                            alpha_one=chosen["alpha_one"], identity=chosen["identity"], clip=clip,
+                           clip_tokens=chosen["clip_tokens"],
                            gptq=method != Method.awq, gptq_damp=gptq_damp, gptq_act_order=gptq_act_order,
                            next_input=next_input)
         ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen,

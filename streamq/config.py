@@ -28,8 +28,8 @@ def parse_size(text: str) -> int:
 # AWQ recipes: the paper's exactly (its ablation rows stay reproducible), and the defaults chosen
 # by measured perplexity (docs/benchmarks.md, "Defaults by measurement")
 RECIPES = {
-    "paper": {"duo_scaling": False, "alpha_one": False, "identity": False, "bos": False},
-    "default": {"duo_scaling": False, "alpha_one": False, "identity": False, "bos": False},
+    "paper": {"duo_scaling": False, "alpha_one": False, "identity": False, "bos": False, "clip_tokens": 512},
+    "default": {"duo_scaling": False, "alpha_one": False, "identity": False, "bos": False, "clip_tokens": 512},
 }
 
 

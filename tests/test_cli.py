@@ -35,8 +35,21 @@ def test_help_explains_every_option():
     result = invoke("run", "--help")
     assert result.exit_code == 0
     for option in ("--model", "--output", "--w-bit", "--group-size", "--mode", "--calib", "--n-samples",
-                   "--seqlen", "--device", "--symmetric", "--duo-scaling", "--no-clip", "--shard-size", "--overwrite"):
+                   "--seqlen", "--device", "--symmetric", "--duo-scaling", "--no-clip", "--shard-size", "--overwrite",
+                   "--recipe", "--identity", "--clip-tokens", "--gptq-act-order"):
         assert option in result.stdout
+
+
+def test_recipe_switches_reach_the_run(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("run", "--model", tiny_models["llama"], "--output", out, *SMALL, "--recipe", "paper",
+                    "--duo-scaling", "--identity", "--alpha-one", "--clip-tokens", "100")
+    assert result.exit_code == 0, result.output
+    quant = json.loads((out / "streamq.json").read_text())["quant"]
+    assert (quant["duo_scaling"], quant["identity"], quant["alpha_one"], quant["clip_tokens"]) == (True, True, True, 100)
+    assert_clean_error(invoke("run", "--model", tiny_models["llama"], "--output", tmp_path / "o2", "--clip-tokens", 0),
+                       "--clip-tokens must be at least 1")
+    assert not (tmp_path / "o2").exists()
 
 
 def test_missing_model_dir(tmp_path):

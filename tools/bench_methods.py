@@ -28,6 +28,7 @@ METHODS = {  # label -> run arguments
     "awq-paper+duo": ["--recipe", "paper", "--duo-scaling"],
     "awq-paper+alpha1": ["--recipe", "paper", "--alpha-one"],
     "awq-paper+bos": ["--recipe", "paper", "--bos"],
+    "awq-paper+clip2048": ["--recipe", "paper", "--clip-tokens", "2048"],
     "awq-paper+duo+identity": ["--recipe", "paper", "--duo-scaling", "--identity"],
     # llm-compressor's grid (duo scaling, s = 1, alpha up to 1), with and without streamq's clip search
     "awq-peer-grid": ["--recipe", "paper", "--duo-scaling", "--identity", "--alpha-one"],
@@ -36,6 +37,10 @@ METHODS = {  # label -> run arguments
     "awq+gptq": ["--method", "awq+gptq"],
     "gptq-seq": ["--method", "gptq", "--next-input", "quantized"],  # the GPTQ paper's sequential order
     "awq+gptq-seq": ["--method", "awq+gptq", "--next-input", "quantized"],
+    "gptq-act": ["--method", "gptq", "--gptq-act-order"],  # act-order, static groups
+    "gptq-act-seq": ["--method", "gptq", "--gptq-act-order", "--next-input", "quantized"],
+    "awq+gptq-act": ["--method", "awq+gptq", "--gptq-act-order"],
+    "awq+gptq-act-seq": ["--method", "awq+gptq", "--gptq-act-order", "--next-input", "quantized"],
 }
 PAIRS = {  # label -> (calibration text, evaluation text)
     "pyref->docutils": ("calib-python-reference.txt", "eval-docutils-docs.txt"),
