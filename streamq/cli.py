@@ -10,7 +10,8 @@ from typing import Iterator, Optional
 
 import typer
 
-from .config import RECIPES, CalibConfig, QuantConfig, parse_size
+from .config import CalibConfig, QuantConfig, parse_size
+from .config import recipe as recipe_settings
 from .errors import SettingsError, StreamqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -121,19 +122,12 @@ def run(
             raise SettingsError("--gptq-act-order orders GPTQ's columns: use it with --method gptq or awq+gptq")
         if clip_tokens is not None and clip_tokens < 1:
             raise SettingsError(f"--clip-tokens must be at least 1, got {clip_tokens}")
-        if recipe not in RECIPES:
-            raise SettingsError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
-        chosen = {**RECIPES[recipe], **{k: v for k, v in (("duo_scaling", duo_scaling), ("alpha_one", alpha_one),
-                                                          ("identity", identity), ("bos", bos),
-                                                          ("clip_tokens", clip_tokens)) if v is not None}}
+        quant_recipe, calib_recipe = recipe_settings(recipe, duo_scaling=duo_scaling, alpha_one=alpha_one,
+                                                     identity=identity, bos=bos, clip_tokens=clip_tokens)
         qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
-                           mode="rtn" if method == Method.gptq else mode.value, duo_scaling=chosen["duo_scaling"],
-                           alpha_one=chosen["alpha_one"], identity=chosen["identity"], clip=clip,
-                           clip_tokens=chosen["clip_tokens"],
-                           gptq=method != Method.awq, gptq_damp=gptq_damp, gptq_act_order=gptq_act_order,
-                           next_input=next_input)
-        ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen,
-                           bos=chosen["bos"])
+                           mode="rtn" if method == Method.gptq else mode.value, clip=clip, gptq=method != Method.awq,
+                           gptq_damp=gptq_damp, gptq_act_order=gptq_act_order, next_input=next_input, **quant_recipe)
+        ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen, **calib_recipe)
         with progress() as on_block:
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,
                                       max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,

@@ -33,6 +33,16 @@ RECIPES = {
 }
 
 
+def recipe(name: str, **overrides: object) -> tuple[dict, dict]:
+    """(QuantConfig fields, CalibConfig fields) of recipe `name`, with the switches given (None
+    values ignored) overriding it: the command line and the demo build their settings from here."""
+    if name not in RECIPES:
+        raise SettingsError(f"--recipe must be one of {', '.join(RECIPES)}, got {name!r}")
+    chosen = {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}}
+    bos = chosen.pop("bos")
+    return chosen, {"bos": bos}
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """What decides the quantized weights (everything here changes the output bytes)."""

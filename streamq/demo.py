@@ -13,11 +13,12 @@ from typing import Any, Callable
 import torch
 
 from . import assets, engine
-from .config import CalibConfig, QuantConfig
+from .config import CalibConfig, QuantConfig, recipe
 from .ppl import PplResult, perplexity
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
-QUANT = QuantConfig(w_bit=4, group_size=64, mode="awq")  # 576 = SmolLM2's width is not a multiple of 128
+QUANT_RECIPE, CALIB_RECIPE = recipe("default")  # what `streamq run` does by default
+QUANT = QuantConfig(w_bit=4, group_size=64, mode="awq", **QUANT_RECIPE)  # 576 = SmolLM2's width: not a multiple of 128
 FORMAT = "compressed-tensors"  # what transformers loads on any device
 PROMPT = "What is the capital of France, and what is it known for?"
 
@@ -118,7 +119,8 @@ def demo(
     out_dir = cache / "demo" / f"{model_dir.name}-awq-int4"
     say(f"[3/5] AWQ INT4, group {QUANT.group_size}, calibration reduced to {settings.calib_samples} x "
         f"{settings.calib_seqlen} tokens (the paper uses 128 x 512) to fit a CPU -> {out_dir} ({FORMAT})")
-    calib = CalibConfig(source=str(calib_text), n_samples=settings.calib_samples, seqlen=settings.calib_seqlen)
+    calib = CalibConfig(source=str(calib_text), n_samples=settings.calib_samples, seqlen=settings.calib_seqlen,
+                        **CALIB_RECIPE)
     with progress("quantizing") as on_block:
         summary = engine.quantize(model_dir, out_dir, QUANT, calib, device=device, overwrite=True, on_block=on_block,
                                   format=FORMAT)
