@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -52,10 +53,37 @@ def streamq(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "streamq", *map(str, args)], capture_output=True, text=True)
 
 
+def pivot(path: Path, baseline: str = "awq-paper") -> str:
+    """The rows of a results file as one markdown table: a method per row, a (pair, bits) column
+    each, every figure also as a change against `baseline` in its column, and the mean of the
+    log-ratios over the columns (a geometric mean: each setting counts the same, whatever its ppl)."""
+    rows = json.loads(path.read_text())["rows"]
+    columns = list(dict.fromkeys((r["pair"], r["bits"]) for r in rows if r["method"] != "fp16"))
+    ppl = {(r["pair"], r["bits"], r["method"]): r["ppl"] for r in rows}
+    fp16 = {r["pair"]: r["ppl"] for r in rows if r["method"] == "fp16"}
+    lines = ["| method | " + " | ".join(f"{p} INT{b}" for p, b in columns) + f" | mean vs {baseline} |",
+             "|---" * (len(columns) + 2) + "|"]
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "fp16"):
+        cells, logs = [], []
+        for p, b in columns:
+            value, base = ppl.get((p, b, method)), ppl.get((p, b, baseline))
+            if value is None:
+                cells.append("")
+                continue
+            logs.append(math.log(value / base))
+            cells.append(f"{value:.3f}" if method == baseline else f"{value:.3f} ({(value / base - 1) * 100:+.1f} %)")
+        mean = f"{(math.exp(sum(logs) / len(logs)) - 1) * 100:+.1f} %" if len(logs) == len(columns) else ""
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {mean} |")
+    lines.append("| fp16 | " + " | ".join(f"{fp16[p]:.3f}" for p, _ in columns) + " | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--texts", type=Path, required=True, help="folder with the two texts (tools/make_texts.py)")
+    parser.add_argument("--model", type=Path, help="the model (required unless --table)")
+    parser.add_argument("--table", type=Path, help="print the markdown table of a results file and stop")
+    parser.add_argument("--baseline", default="awq-paper", help="with --table: the row changes are measured against")
+    parser.add_argument("--texts", type=Path, help="folder with the two texts (tools/make_texts.py)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--bits", default="4,3")
     parser.add_argument("--pairs", default=",".join(PAIRS))
@@ -68,6 +96,11 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="merge into --out: rows of the same pair, method "
                         "and bits are replaced, others kept (the settings must be the same)")
     args = parser.parse_args()
+    if args.table:
+        print(pivot(args.table, args.baseline))
+        return
+    if not args.model or not args.texts:
+        parser.error("--model and --texts are required to run")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for pair in args.pairs.split(","):
