@@ -65,12 +65,14 @@ def run(
                                   "scales and clips, then GPTQ's rounding."),
     gptq_damp: float = typer.Option(0.01, "--gptq-damp", help="GPTQ's dampening: this share of the mean diagonal "
                                     "is added to each linear's input Hessian."),
-    gptq_act_order: bool = typer.Option(False, "--gptq-act-order/--no-gptq-act-order", help="GPTQ rounds the "
-                                        "columns with the most input energy first (descending Hessian diagonal), "
-                                        "with static groups, so the output packs as without it."),
-    next_input: str = typer.Option("fp16", "--next-input", help="fp16: each block is calibrated on the "
+    gptq_act_order: Optional[bool] = typer.Option(None, "--gptq-act-order/--no-gptq-act-order", help="GPTQ rounds "
+                                                  "the columns with the most input energy first (descending Hessian "
+                                                  "diagonal), with static groups, so the output packs as without it. "
+                                                  "On in --recipe default, off in --recipe paper."),
+    next_input: str = typer.Option("auto", "--next-input", help="fp16: each block is calibrated on the "
                                    "unquantized model's activations (llm-awq; blocks independent); quantized: on "
-                                   "the quantized blocks' outputs (the GPTQ paper's sequential order)."),
+                                   "the quantized blocks' outputs (the GPTQ paper's sequential order); auto: "
+                                   "quantized where GPTQ rounds, else fp16 (as measured, docs/benchmarks.md)."),
     mode: Mode = typer.Option(Mode.awq, "--mode", help="Ablations of --method awq: awq: scale + clip search (the paper); rtn: round to "
                               "nearest, no search; s2: scale the 1% most salient input channels by 2; "
                               "keep1: keep the 1% most salient input channels in fp16 (written as fp16)."),
@@ -123,10 +125,15 @@ def run(
         if clip_tokens is not None and clip_tokens < 1:
             raise SettingsError(f"--clip-tokens must be at least 1, got {clip_tokens}")
         quant_recipe, calib_recipe = recipe_settings(recipe, duo_scaling=duo_scaling, alpha_one=alpha_one,
-                                                     identity=identity, bos=bos, clip_tokens=clip_tokens)
+                                                     identity=identity, bos=bos, clip_tokens=clip_tokens,
+                                                     gptq_act_order=gptq_act_order)
+        if method == Method.awq:
+            quant_recipe["gptq_act_order"] = False  # no GPTQ rounding: nothing to order
+        if next_input == "auto":
+            next_input = "fp16" if method == Method.awq else "quantized"
         qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
                            mode="rtn" if method == Method.gptq else mode.value, clip=clip, gptq=method != Method.awq,
-                           gptq_damp=gptq_damp, gptq_act_order=gptq_act_order, next_input=next_input, **quant_recipe)
+                           gptq_damp=gptq_damp, next_input=next_input, **quant_recipe)
         ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen, **calib_recipe)
         with progress() as on_block:
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,

@@ -25,11 +25,14 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-# AWQ recipes: the paper's exactly (its ablation rows stay reproducible), and the defaults chosen
-# by measured perplexity (docs/benchmarks.md, "Defaults by measurement")
+# Recipes: the papers' exactly (AWQ's ablation rows and GPTQ's in-order rounding stay
+# reproducible), and the defaults chosen by measured perplexity (docs/benchmarks.md, "Defaults by
+# measurement"). gptq_act_order only acts where GPTQ rounds (--method gptq, awq+gptq).
 RECIPES = {
-    "paper": {"duo_scaling": False, "alpha_one": False, "identity": False, "bos": False, "clip_tokens": 512},
-    "default": {"duo_scaling": False, "alpha_one": False, "identity": False, "bos": False, "clip_tokens": 512},
+    "paper": {"duo_scaling": False, "alpha_one": False, "identity": False, "bos": False, "clip_tokens": 512,
+              "gptq_act_order": False},
+    "default": {"duo_scaling": False, "alpha_one": False, "identity": False, "bos": False, "clip_tokens": 512,
+                "gptq_act_order": True},
 }
 
 
@@ -81,7 +84,7 @@ class QuantConfig:
         if self.gptq and self.mode not in ("awq", "rtn"):
             raise SettingsError(f"GPTQ rounds after awq or alone (--method gptq); not with --mode {self.mode}")
         if self.next_input not in ("fp16", "quantized"):
-            raise SettingsError(f"--next-input must be fp16 or quantized, got {self.next_input!r}")
+            raise SettingsError(f"--next-input must be auto, fp16 or quantized, got {self.next_input!r}")
         if not 0 < self.gptq_damp < 1:
             raise SettingsError(f"--gptq-damp must be between 0 and 1, got {self.gptq_damp}")
         if self.storage_dtype not in STORAGE_DTYPES:

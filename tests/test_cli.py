@@ -47,6 +47,14 @@ def test_recipe_switches_reach_the_run(tiny_models, tmp_path):
     assert result.exit_code == 0, result.output
     quant = json.loads((out / "streamq.json").read_text())["quant"]
     assert (quant["duo_scaling"], quant["identity"], quant["alpha_one"], quant["clip_tokens"]) == (True, True, True, 100)
+    assert (quant["gptq"], quant["gptq_act_order"], quant["next_input"]) == (False, False, "fp16")
+    for args, expected in ((["--method", "gptq"], (True, "quantized")),  # the default recipe, as measured
+                           (["--method", "gptq", "--recipe", "paper"], (False, "quantized")),
+                           (["--method", "awq+gptq", "--next-input", "fp16"], (True, "fp16"))):
+        result = invoke("run", "--model", tiny_models["llama"], "--output", out, *SMALL, "--overwrite", *args)
+        assert result.exit_code == 0, result.output
+        quant = json.loads((out / "streamq.json").read_text())["quant"]
+        assert (quant["gptq_act_order"], quant["next_input"]) == expected, args
     assert_clean_error(invoke("run", "--model", tiny_models["llama"], "--output", tmp_path / "o2", "--clip-tokens", 0),
                        "--clip-tokens must be at least 1")
     assert not (tmp_path / "o2").exists()

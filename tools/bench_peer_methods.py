@@ -62,8 +62,9 @@ def main() -> None:
     parser.add_argument("--peer-python", default=str(ROOT / ".peer" / "bin" / "python"))
     parser.add_argument("--calib", type=Path, help="calibration text (default: the built-in Python reference)")
     parser.add_argument("--data", type=Path, help="evaluation text (default: the docutils docs text)")
-    parser.add_argument("--methods", nargs="+", default=["awq", "gptq", "awq+gptq"])
-    parser.add_argument("--settings", nargs="+", default=["defaults", "equal"])
+    parser.add_argument("--runs", nargs="+", default=[f"{m}:{s}" for m, s in RUNS],
+                        help="method:settings pairs to run (default: all of " + ", ".join(f"{m}:{s}" for m, s in RUNS)
+                        + ")")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--n-samples", type=int, default=8)
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--json", type=Path, help="also write every row here")
     args = parser.parse_args()
+    args.runs = [tuple(r.split(":", 1)) for r in args.runs]
+    if unknown := [r for r in args.runs if r not in RUNS]:
+        parser.error(f"unknown --runs {unknown}")
     if not Path(args.peer_python).is_file():
         sys.exit(f"no peer interpreter at {args.peer_python}: run tools/install_peer.sh first")
 
@@ -97,36 +101,35 @@ def main() -> None:
     print(f"fp16 ppl {base:.4f}", flush=True)
     rows = []
     for bits in args.bits:
-        for method in args.methods:
-            for setting in args.settings:
-                ours, theirs = RUNS[(method, setting)]
-                for tool in ("streamq", "llm-compressor"):
-                    out = work / f"{tool}-{method}-{setting}-{bits}"
-                    if tool == "streamq":
-                        cmd = ["streamq", "run", "--model", str(model), "--output", str(out), "--overwrite",
-                               "--calib", str(flat), "--n-samples", str(args.n_samples), "--seqlen",
-                               str(args.calib_seqlen), "--w-bit", str(bits), "--group-size", str(args.group_size),
-                               "--device", "cpu", *ours]
-                    else:
-                        cmd = [args.peer_python, str(HERE / "peer_awq.py"), "quantize", "--model", str(model),
-                               "--calib", str(blocks2d), "--out", str(out), "--bits", str(bits), "--group-size",
-                               str(args.group_size), "--dtype", "float32", *theirs]
-                    rss, seconds = run(cmd, out.with_suffix(".log"))
-                    evaluated = out
-                    if tool == "streamq":
-                        info = json.loads((out / "streamq.json").read_text())
-                        if info["calib"]["tokens_sha256"] != tokens_digest(blocks):
-                            sys.exit("streamq did not quantize with the benchmark's calibration blocks")
-                    else:
-                        evaluated = out.with_name(out.name + "-fp16")
-                        subprocess.run([args.peer_python, str(HERE / "peer_awq.py"), "decompress", "--src", str(out),
-                                        "--dst", str(evaluated)], check=True, capture_output=True)
-                    row = {"bits": bits, "method": method, "setting": setting, "tool": tool, "ppl": ppl(evaluated),
-                           "seconds": round(seconds, 1), "rss": rss, "bytes": dir_bytes(out),
-                           "command": " ".join(cmd[cmd.index("--output" if tool == "streamq" else "--out") + 2:])}
-                    rows.append(row)
-                    print(f"INT{bits} {method} {setting} {tool}: ppl {row['ppl']:.4f}, {seconds:.0f} s, "
-                          f"peak RSS {rss / 2**30:.2f} GiB", flush=True)
+        for method, setting in args.runs:
+            ours, theirs = RUNS[(method, setting)]
+            for tool in ("streamq", "llm-compressor"):
+                out = work / f"{tool}-{method}-{setting}-{bits}"
+                if tool == "streamq":
+                    cmd = ["streamq", "run", "--model", str(model), "--output", str(out), "--overwrite",
+                           "--calib", str(flat), "--n-samples", str(args.n_samples), "--seqlen",
+                           str(args.calib_seqlen), "--w-bit", str(bits), "--group-size", str(args.group_size),
+                           "--device", "cpu", *ours]
+                else:
+                    cmd = [args.peer_python, str(HERE / "peer_awq.py"), "quantize", "--model", str(model),
+                           "--calib", str(blocks2d), "--out", str(out), "--bits", str(bits), "--group-size",
+                           str(args.group_size), "--dtype", "float32", *theirs]
+                rss, seconds = run(cmd, out.with_suffix(".log"))
+                evaluated = out
+                if tool == "streamq":
+                    info = json.loads((out / "streamq.json").read_text())
+                    if info["calib"]["tokens_sha256"] != tokens_digest(blocks):
+                        sys.exit("streamq did not quantize with the benchmark's calibration blocks")
+                else:
+                    evaluated = out.with_name(out.name + "-fp16")
+                    subprocess.run([args.peer_python, str(HERE / "peer_awq.py"), "decompress", "--src", str(out),
+                                    "--dst", str(evaluated)], check=True, capture_output=True)
+                row = {"bits": bits, "method": method, "setting": setting, "tool": tool, "ppl": ppl(evaluated),
+                       "seconds": round(seconds, 1), "rss": rss, "bytes": dir_bytes(out),
+                       "command": " ".join(cmd[cmd.index("--output" if tool == "streamq" else "--out") + 2:])}
+                rows.append(row)
+                print(f"INT{bits} {method} {setting} {tool}: ppl {row['ppl']:.4f}, {seconds:.0f} s, "
+                      f"peak RSS {rss / 2**30:.2f} GiB", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"fp16": base, "rows": rows}, indent=1) + "\n")
     write_section(args.md, args.section, table(args, rows, base, blocks))
@@ -145,7 +148,7 @@ def table(args: argparse.Namespace, rows: list[dict], base: float, blocks: torch
         lines.append(f"| {r['bits']} | {r['method']} | {r['setting']} | {r['tool']} | {r['ppl']:.3f} | {vs[0]} "
                      f"| {r['seconds']:.0f} | {vs[1]} | {r['rss'] / 2**30:.2f} | {vs[2]} |")
     settings = "; ".join(f"{m} {s}: streamq `{' '.join(RUNS[(m, s)][0])}`, peer `{' '.join(RUNS[(m, s)][1])}`"
-                         for m in args.methods for s in args.settings)
+                         for m, s in args.runs)
     lines += ["", f"Calibration {args.n_samples} x {args.calib_seqlen} tokens of "
               f"{Path(args.calib or assets.calibration_text()).name} (the same blocks for both, sha256 "
               f"{tokens_digest(blocks)[:12]}); perplexity `streamq ppl` on "
