@@ -49,6 +49,18 @@ def paper_gptq(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int, da
     return codes, torch.cat(scales, 1), torch.cat(zeros, 1)
 
 
+def streamed_equals_reference(path, qcfg: QuantConfig, calib: CalibConfig, tmp_path, budgets=("minimum",)):
+    """The engine's output at each budget (None: no limit; "minimum": the smallest the planner
+    accepts) is byte-identical to the unstreamed reference's; returns the reference's folder."""
+    ref = tmp_path / "ref"
+    reference.quantize(path, ref, qcfg, calib, chunk_samples=4, device="cpu")
+    minimum = engine.plan(path, qcfg, calib, device="cpu").minimum_bytes
+    for budget in (minimum if b == "minimum" else b for b in budgets):
+        engine.quantize(path, tmp_path / f"s{budget}", qcfg, calib, device="cpu", max_gpu_mem=budget)
+        assert checkpoint_bytes(tmp_path / f"s{budget}") == checkpoint_bytes(ref)
+    return ref
+
+
 def outlier_layer(seed: int, rows: int = 48, cols: int = 256, tokens: int = 512):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, cols, generator=g)
@@ -111,11 +123,7 @@ def test_gptq_streamed_equals_reference(tiny_models, tmp_path, family, method):
         np.save(ids, np.random.default_rng(1).integers(2, 512, 5_000))
         calib = CalibConfig(source=str(ids), n_samples=6, seqlen=64)
     path = tiny_models[family]
-    reference.quantize(path, tmp_path / "ref", qcfg, calib, chunk_samples=4, device="cpu")
-    minimum = engine.plan(path, qcfg, calib, device="cpu").minimum_bytes
-    for budget in (None, minimum):
-        engine.quantize(path, tmp_path / f"s{budget}", qcfg, calib, device="cpu", max_gpu_mem=budget)
-        assert checkpoint_bytes(tmp_path / f"s{budget}") == checkpoint_bytes(tmp_path / "ref")
+    streamed_equals_reference(path, qcfg, calib, tmp_path, budgets=(None, "minimum"))
     rtn = tmp_path / "rtn"
     engine.quantize(path, rtn, QuantConfig(mode=qcfg.mode), calib, device="cpu")
     assert checkpoint_bytes(rtn) != checkpoint_bytes(tmp_path / "ref")
@@ -165,16 +173,13 @@ def test_next_input_from_the_quantized_block(tiny_models, tmp_path):
 
     qcfg = QuantConfig(mode="rtn", gptq=True, next_input="quantized")
     path = tiny_models["llama"]
-    reference.quantize(path, tmp_path / "ref", qcfg, CALIB, chunk_samples=4, device="cpu")
-    minimum = engine.plan(path, qcfg, CALIB, device="cpu").minimum_bytes
-    engine.quantize(path, tmp_path / "s", qcfg, CALIB, device="cpu", max_gpu_mem=minimum)
-    assert checkpoint_bytes(tmp_path / "s") == checkpoint_bytes(tmp_path / "ref")
+    streamed_equals_reference(path, qcfg, CALIB, tmp_path)
     engine.quantize(path, tmp_path / "fp16", QuantConfig(mode="rtn", gptq=True), CALIB, device="cpu")
 
     def tensors(out):
         return {k: v for f in sorted(out.glob("model-*.safetensors")) for k, v in load_file(f).items()}
 
-    seq, indep = tensors(tmp_path / "s"), tensors(tmp_path / "fp16")
+    seq, indep = tensors(tmp_path / "ref"), tensors(tmp_path / "fp16")
     assert all(torch.equal(seq[k], indep[k]) for k in seq if k.startswith("model.layers.0."))
     assert not all(torch.equal(seq[k], indep[k]) for k in seq if k.startswith("model.layers.1.") and "qweight" in k)
 
@@ -229,10 +234,7 @@ def test_act_order_is_static_groups_in_descending_hessian_order(w_bit, group_siz
 def test_act_order_run_equals_reference_and_needs_gptq(tiny_models, tmp_path):
     qcfg = QuantConfig(mode="awq", gptq=True, gptq_act_order=True)
     path = tiny_models["llama"]
-    reference.quantize(path, tmp_path / "ref", qcfg, CALIB, chunk_samples=4, device="cpu")
-    minimum = engine.plan(path, qcfg, CALIB, device="cpu").minimum_bytes
-    engine.quantize(path, tmp_path / "s", qcfg, CALIB, device="cpu", max_gpu_mem=minimum)
-    assert checkpoint_bytes(tmp_path / "s") == checkpoint_bytes(tmp_path / "ref")
+    streamed_equals_reference(path, qcfg, CALIB, tmp_path)
     engine.quantize(path, tmp_path / "plain", QuantConfig(mode="awq", gptq=True), CALIB, device="cpu")
     assert checkpoint_bytes(tmp_path / "plain") != checkpoint_bytes(tmp_path / "ref")
     result = CliRunner().invoke(app, ["run", "--model", str(path), "--output", str(tmp_path / "x"),
