@@ -122,8 +122,6 @@ def run(
             raise SettingsError(f"--mode {mode.value} is an ablation of --method awq, not of --method {method.value}")
         if gptq_act_order and method == Method.awq:
             raise SettingsError("--gptq-act-order orders GPTQ's columns: use it with --method gptq or awq+gptq")
-        if clip_tokens is not None and clip_tokens < 1:
-            raise SettingsError(f"--clip-tokens must be at least 1, got {clip_tokens}")
         quant_recipe, calib_recipe = recipe_settings(recipe, duo_scaling=duo_scaling, alpha_one=alpha_one,
                                                      identity=identity, bos=bos, clip_tokens=clip_tokens,
                                                      gptq_act_order=gptq_act_order)

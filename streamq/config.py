@@ -85,6 +85,8 @@ class QuantConfig:
             raise SettingsError(f"GPTQ rounds after awq or alone (--method gptq); not with --mode {self.mode}")
         if self.next_input not in ("fp16", "quantized"):
             raise SettingsError(f"--next-input must be auto, fp16 or quantized, got {self.next_input!r}")
+        if self.clip_tokens < 1:
+            raise SettingsError(f"--clip-tokens must be at least 1, got {self.clip_tokens}")
         if not 0 < self.gptq_damp < 1:
             raise SettingsError(f"--gptq-damp must be between 0 and 1, got {self.gptq_damp}")
         if self.storage_dtype not in STORAGE_DTYPES:

@@ -48,10 +48,10 @@ def scaled_hessian(h: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor
     return h / s[:, None] / s[None, :]
 
 
-def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
-    """(upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, dead input channels): channels
-    that never saw a nonzero input get a unit diagonal (their weights are zeroed, as in the paper's
-    code). Raises NotPositiveDefinite when dampening does not make H positive definite."""
+def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1: channels that never saw a
+    nonzero input get a unit diagonal (the caller zeroes their weights, as in the paper's code).
+    Raises NotPositiveDefinite when dampening does not make H positive definite."""
     h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
@@ -63,7 +63,7 @@ def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, t
     upper, info = torch.linalg.cholesky_ex(inv, upper=True)
     if int(info) != 0:
         raise NotPositiveDefinite(f"its inverse is not positive definite after dampening {damp}")
-    return upper, dead
+    return upper
 
 
 def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_int: int) -> torch.Tensor:
@@ -94,7 +94,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int,
         scales = torch.empty(out_features, n_group, dtype=torch.float32, device=w.device)
         zeros = torch.empty(out_features, n_group, dtype=torch.float32, device=w.device)
         order = range(in_features)
-    hinv, _ = inverse_factor(h, damp)
+    hinv = inverse_factor(h, damp)
     scale = zero = None
     for i1 in range(0, in_features, block):
         i2 = min(i1 + block, in_features)
