@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import checkpoint_bytes
+from helpers import DEVICES, checkpoint_bytes, needs_gpu
 from streamq import engine, reference
 from streamq.cli import app
 from streamq.config import CalibConfig, QuantConfig
@@ -49,14 +49,15 @@ def paper_gptq(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int, da
     return codes, torch.cat(scales, 1), torch.cat(zeros, 1)
 
 
-def streamed_equals_reference(path, qcfg: QuantConfig, calib: CalibConfig, tmp_path, budgets=("minimum",)):
+def streamed_equals_reference(path, qcfg: QuantConfig, calib: CalibConfig, tmp_path, budgets=("minimum",),
+                              device="cpu"):
     """The engine's output at each budget (None: no limit; "minimum": the smallest the planner
     accepts) is byte-identical to the unstreamed reference's; returns the reference's folder."""
     ref = tmp_path / "ref"
-    reference.quantize(path, ref, qcfg, calib, chunk_samples=4, device="cpu")
-    minimum = engine.plan(path, qcfg, calib, device="cpu").minimum_bytes
+    reference.quantize(path, ref, qcfg, calib, chunk_samples=4, device=device)
+    minimum = engine.plan(path, qcfg, calib, device=device).minimum_bytes
     for budget in (minimum if b == "minimum" else b for b in budgets):
-        engine.quantize(path, tmp_path / f"s{budget}", qcfg, calib, device="cpu", max_gpu_mem=budget)
+        engine.quantize(path, tmp_path / f"s{budget}", qcfg, calib, device=device, max_gpu_mem=budget)
         assert checkpoint_bytes(tmp_path / f"s{budget}") == checkpoint_bytes(ref)
     return ref
 
@@ -81,6 +82,20 @@ def test_gptq_is_the_papers_algorithm(w_bit, group_size):
     assert (batched[0] == paper[0]).float().mean() > 0.99
     deq = dequantize(*batched, torch.float32)
     assert torch.allclose(deq, dequantize(*paper, torch.float32), atol=0.05 * float(deq.abs().max()))
+
+
+@needs_gpu
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_on_cuda_is_the_cpu_algorithm(act_order):
+    """The same function on the GPU: float32 Cholesky and products round differently there, so
+    the codes agree but at near-ties, and the reconstruction error is the CPU's within 2 %."""
+    w, x = outlier_layer(7, rows=256, cols=512, tokens=2048)
+    h = x.t() @ x
+    cpu = gptq_quantize(w.clone(), h, 4, 64, act_order=act_order)
+    gpu = [t.cpu() for t in gptq_quantize(w.cuda(), h.cuda(), 4, 64, act_order=act_order)]
+    assert (gpu[0] == cpu[0]).float().mean() > 0.99
+    err = [float((x @ (dequantize(*q, torch.float32) - w).t()).square().sum()) for q in (cpu, gpu)]
+    assert abs(err[1] - err[0]) < 0.02 * err[0], err
 
 
 def test_gptq_beats_rtn_on_planted_outliers():
@@ -111,9 +126,10 @@ def test_dead_inputs_and_a_hessian_that_cannot_be_made_definite():
         gptq_quantize(w.clone(), -torch.eye(256), 4, 64)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
 @pytest.mark.parametrize("family", ["opt", "llama_gqa", "phi3"])
-def test_gptq_streamed_equals_reference(tiny_models, tmp_path, family, method):
+def test_gptq_streamed_equals_reference(tiny_models, tmp_path, family, method, device):
     qcfg = QuantConfig(mode="rtn" if method == "gptq" else "awq", gptq=True)
     calib = CALIB if family != "llama_gqa" else None
     if calib is None:  # this model has no tokenizer
@@ -123,9 +139,9 @@ def test_gptq_streamed_equals_reference(tiny_models, tmp_path, family, method):
         np.save(ids, np.random.default_rng(1).integers(2, 512, 5_000))
         calib = CalibConfig(source=str(ids), n_samples=6, seqlen=64)
     path = tiny_models[family]
-    streamed_equals_reference(path, qcfg, calib, tmp_path, budgets=(None, "minimum"))
+    streamed_equals_reference(path, qcfg, calib, tmp_path, budgets=(None, "minimum"), device=device)
     rtn = tmp_path / "rtn"
-    engine.quantize(path, rtn, QuantConfig(mode=qcfg.mode), calib, device="cpu")
+    engine.quantize(path, rtn, QuantConfig(mode=qcfg.mode), calib, device=device)
     assert checkpoint_bytes(rtn) != checkpoint_bytes(tmp_path / "ref")
 
 
@@ -165,7 +181,8 @@ def test_gptq_errors_are_one_line(tiny_models, tmp_path, monkeypatch):
         engine.quantize(tiny_models["opt"], tmp_path / "p", QuantConfig(mode="rtn", gptq=True), CALIB, device="cpu")
 
 
-def test_next_input_from_the_quantized_block(tiny_models, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_next_input_from_the_quantized_block(tiny_models, tmp_path, device):
     """--next-input quantized (the GPTQ paper's order): block 1 is calibrated on block 0's
     quantized outputs, so block 0 is unchanged and block 1 differs; engine == reference at the
     smallest budget too."""
@@ -173,8 +190,8 @@ def test_next_input_from_the_quantized_block(tiny_models, tmp_path):
 
     qcfg = QuantConfig(mode="rtn", gptq=True, next_input="quantized")
     path = tiny_models["llama"]
-    streamed_equals_reference(path, qcfg, CALIB, tmp_path)
-    engine.quantize(path, tmp_path / "fp16", QuantConfig(mode="rtn", gptq=True), CALIB, device="cpu")
+    streamed_equals_reference(path, qcfg, CALIB, tmp_path, device=device)
+    engine.quantize(path, tmp_path / "fp16", QuantConfig(mode="rtn", gptq=True), CALIB, device=device)
 
     def tensors(out):
         return {k: v for f in sorted(out.glob("model-*.safetensors")) for k, v in load_file(f).items()}
@@ -231,11 +248,12 @@ def test_act_order_is_static_groups_in_descending_hessian_order(w_bit, group_siz
     assert err["act"] < 0.7 * err["rtn"], err
 
 
-def test_act_order_run_equals_reference_and_needs_gptq(tiny_models, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_act_order_run_equals_reference_and_needs_gptq(tiny_models, tmp_path, device):
     qcfg = QuantConfig(mode="awq", gptq=True, gptq_act_order=True)
     path = tiny_models["llama"]
-    streamed_equals_reference(path, qcfg, CALIB, tmp_path)
-    engine.quantize(path, tmp_path / "plain", QuantConfig(mode="awq", gptq=True), CALIB, device="cpu")
+    streamed_equals_reference(path, qcfg, CALIB, tmp_path, device=device)
+    engine.quantize(path, tmp_path / "plain", QuantConfig(mode="awq", gptq=True), CALIB, device=device)
     assert checkpoint_bytes(tmp_path / "plain") != checkpoint_bytes(tmp_path / "ref")
     result = CliRunner().invoke(app, ["run", "--model", str(path), "--output", str(tmp_path / "x"),
                                       "--gptq-act-order"])

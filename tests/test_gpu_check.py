@@ -34,7 +34,7 @@ def test_cpu_mode_passes_every_stage_it_can_run(cpu_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = summary["stages"]
     assert list(stages) == ["env", "build", "gpu-tests", "kernels-run", "ppl", "formats", "wide-opt-30b",
-                            "bench-kernels", "wide-llama-3-70b", "wide-llama-2-7b"]
+                            "bench-kernels", "wide-llama-3-70b", "wide-llama-2-7b", "wide-llama-2-7b-gptq"]
     for name in ("build", "gpu-tests", "kernels-run", "bench-kernels"):
         assert stages[name] == {"status": "skipped", "reason": "needs a CUDA device"}
     assert all(stages[name]["status"] == "ok" for name in stages if name not in
@@ -59,7 +59,7 @@ def test_ppl_stage_compares_float16_with_float32(cpu_run):
         assert figures["rel_diff"] <= ppl["tolerance_rel"] and figures["segments"] > 1
 
 
-@pytest.mark.parametrize("name", ["opt-30b", "llama-2-7b", "llama-3-70b"])
+@pytest.mark.parametrize("name", ["opt-30b", "llama-2-7b", "llama-3-70b", "llama-2-7b-gptq"])
 def test_wide_stages_run_both_budgets_byte_identical(cpu_run, name):
     stage = cpu_run[1]["stages"][f"wide-{name}"]
     assert stage["identical"] is True and stage["layers"] == 2

@@ -50,10 +50,11 @@ STAGES = (
     Stage("kernels-run", True, 120, 0),  # four runs of ~15 s each (H200), mostly start-up
     Stage("ppl", False, 60, 120),
     Stage("formats", False, 90, 120),  # compressed-tensors output loaded by transformers on the device
-    Stage("wide-opt-30b", False, 170, 120),
+    Stage("wide-opt-30b", False, 240, 120),
     Stage("bench-kernels", True, 90, 0),
-    Stage("wide-llama-3-70b", False, 200, 120),
+    Stage("wide-llama-3-70b", False, 240, 120),
     Stage("wide-llama-2-7b", False, 90, 120),
+    Stage("wide-llama-2-7b-gptq", False, 150, 120),  # GPTQ's defaults: Hessians up to 11008^2 floats
     Stage("suite", False, 600, 0),  # the whole test suite (suspect: tests that assume a CPU); --suite only
 )
 
@@ -339,7 +340,7 @@ def budget_bytes(spec: str, model: Path, n_samples: int, seqlen: int, device: st
     return engine.plan(model, QuantConfig(), CalibConfig(n_samples=n_samples, seqlen=seqlen), device=device).minimum_bytes
 
 
-def stage_wide(name: str):
+def stage_wide(name: str, method: str = "awq"):
     def run(args, work: Path, log: Path, deadline: float) -> dict:
         from make_wide_model import write
 
@@ -352,14 +353,16 @@ def stage_wide(name: str):
                   spec.kv_heads, "cuda" if args.device == "cuda" else "cpu")
         written = time.time() - t0
         ids = calibration_ids(work, cfg["n_samples"] * cfg["seqlen"] * 2, cfg["vocab"])
-        result: dict = {"shape": vars(spec), "layers": cfg["layers"], "calibration": f"{cfg['n_samples']} x "
+        result: dict = {"shape": vars(spec), "method": method, "layers": cfg["layers"],
+                        "calibration": f"{cfg['n_samples']} x "
                         f"{cfg['seqlen']}", "write_seconds": round(written, 1), "runs": {}}
         digests = {}
         for label in ("roomy", "tight"):
             spec_budget = spec.tight if label == "tight" and not args.small else cfg[label]
             budget = budget_bytes(spec_budget, model, cfg["n_samples"], cfg["seqlen"], args.device)
-            out = work / f"out-{name}-{label}"
+            out = work / f"out-{name}-{method}-{label}"
             rc, secs, tail = streamq("run", "--model", model, "--output", out, "--overwrite", "--calib", ids,
+                                     "--method", method,
                                      "--n-samples", cfg["n_samples"], "--seqlen", cfg["seqlen"], "--device",
                                      args.device, "--max-gpu-mem", budget, timeout=remaining(deadline), log=log)
             if rc != 0:
@@ -391,7 +394,7 @@ def stage_wide(name: str):
         result.update(within_budget=within, within_plan=planned)
         result["ok"] = result["identical"] and within and all("error" not in r for r in runs.values())
         if not args.keep:
-            for path in [model, *(work / f"out-{name}-{label}" for label in ("roomy", "tight"))]:
+            for path in [model, *(work / f"out-{name}-{method}-{label}" for label in ("roomy", "tight"))]:
                 shutil.rmtree(path, ignore_errors=True)
         return result
     return run
@@ -408,6 +411,7 @@ RUNNERS = {
     "env": stage_env, "build": stage_build, "gpu-tests": stage_gpu_tests, "kernels-run": stage_kernels_run,
     "ppl": stage_ppl, "formats": stage_formats, "bench-kernels": stage_bench_kernels, "suite": stage_suite,
     **{f"wide-{name}": stage_wide(name) for name in WIDE},
+    "wide-llama-2-7b-gptq": stage_wide("llama-2-7b", "gptq"),
 }
 
 
