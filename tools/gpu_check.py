@@ -364,7 +364,8 @@ def stage_wide(name: str, method: str = "awq"):
             rc, secs, tail = streamq("run", "--model", model, "--output", out, "--overwrite", "--calib", ids,
                                      "--method", method,
                                      "--n-samples", cfg["n_samples"], "--seqlen", cfg["seqlen"], "--device",
-                                     args.device, "--max-gpu-mem", budget, timeout=remaining(deadline), log=log)
+                                     args.device, "--max-gpu-mem", budget, "--kernels", args.kernels,
+                                     timeout=remaining(deadline), log=log)
             if rc != 0:
                 result["runs"][label] = {"budget_bytes": budget, "exit": rc, "error": tail[-600:]}
                 continue
@@ -379,7 +380,7 @@ def stage_wide(name: str, method: str = "awq"):
                 "planned_peak_bytes": info["plan"]["estimated_peak_bytes"], "chunk_samples": info["plan"]["chunk_samples"],
                 "activations_on_device": info["plan"]["activations_on_device"],
                 "forward_samples": info["plan"].get("forward_samples"),
-                "peak_allocated_bytes": max(alloc) if alloc else None,
+                "peak_allocated_bytes": max(alloc) if alloc else None, "block_peak_allocated_bytes": alloc,
                 "peak_reserved_bytes": max(reserved) if reserved else None,
                 "peak_rss_bytes": max(b["peak_rss_bytes"] for b in blocks),
                 "kernels": info.get("kernels"), "compute_dtype": info.get("compute_dtype"),
@@ -429,6 +430,7 @@ def run_stage(stage: Stage, args: argparse.Namespace, work: Path, log: Path, dea
     cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage.name, "--stage-deadline",
            str(time.time() + budget - 2), "--device", args.device, "--work", str(work), "--log", str(log)]
     cmd += ["--small"] * args.small + ["--install"] * args.install + ["--keep"] * args.keep
+    cmd += ["--kernels", args.kernels]
     with open(log, "a") as f:
         f.write(f"\n==== stage {stage.name} (cap {budget:.0f} s) ====\n")
     rc, secs, tail = sh(cmd, budget, log)
@@ -489,6 +491,9 @@ def main() -> None:
     parser.add_argument("--install", action=argparse.BooleanOptionalAction, default=None,
                         help="pip install --no-deps -e . first (default: on a GPU machine)")
     parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
+    parser.add_argument("--kernels", choices=["auto", "torch", "cuda"], default="auto",
+                        help="what the wide runs use; auto builds the kernels in the first run that needs them "
+                             "(~95 s on an H200) unless the build stage ran before")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--stage-deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--log", type=Path, help=argparse.SUPPRESS)
