@@ -19,7 +19,7 @@ from .formats import Format, dense_state
 from .formats.awq import AWQ
 from .gptq import NotPositiveDefinite, gptq_quantize, hessian, scaled_hessian
 from .kernels import TORCH, Ops
-from .placement import Assembler, upload
+from .placement import Assembler, TokenCollector, upload
 from .quant import check_group_size, quant_params, quantize
 from .search import (
     Chunks,
@@ -45,6 +45,11 @@ class BlockRecords:
     scales: list[ScaleRecord] = field(default_factory=list)
     clips: list[ClipRecord] = field(default_factory=list)
     salient: dict[str, torch.Tensor] = field(default_factory=dict)  # keep1: kept channels
+    # linears that see only some tokens (experts): how many each input got, and those quantized
+    # round-to-nearest (no scale of their own, no clip, no GPTQ) for having fewer than
+    # qcfg.min_expert_tokens
+    tokens: dict[str, int] = field(default_factory=dict)
+    fallback: list[str] = field(default_factory=list)
 
     def scales_by_linear(self) -> dict[str, torch.Tensor]:
         """Each scaled linear's s (its inputs are x / s)."""
@@ -56,12 +61,35 @@ def linear_names(block: nn.Module) -> list[str]:
 
 
 def input_source(block: nn.Module, family: Family, config: Any) -> dict[str, str]:
-    """For each linear, the linear whose captured input it shares (the first of its group)."""
+    """For each linear, the linear whose captured input it shares: the first of its group under
+    the same parent module (q/k/v; gate/up; one expert's gate/up, not another expert's)."""
     source = {name: name for name in linear_names(block)}
     for group in family.scale_groups(config):
+        first: dict[str, str] = {}
         for name in group.linears:
-            source[name] = group.linears[0]
+            source[name] = first.setdefault(name.rpartition(".")[0], name)
     return source
+
+
+def captured_inputs(block: nn.Module, family: Family, config: Any) -> set[str]:
+    """The modules whose inputs one block's quantization captures: each linear's (shared as
+    input_source says) and the modules the scale groups read (a sparse MLP's)."""
+    names = set(input_source(block, family, config).values())
+    return names | {g.input_of for g in family.scale_groups(config) if g.input_of}
+
+
+def search_input(group) -> str:
+    """The captured input a scale group's search reads."""
+    return group.input_of or group.linears[0]
+
+
+def routed(block: nn.Module, name: str) -> bool:
+    """A linear that sees only the tokens routed to it (an expert's)."""
+    return hasattr(block.get_submodule(name), "routed_fraction")
+
+
+def n_tokens(chunks: Chunks) -> int:
+    return sum(c.shape[0] * c.shape[1] for c in chunks)
 
 
 def check_shapes(block: nn.Module, prefix: str, group_size: int) -> None:
@@ -79,7 +107,7 @@ def capture(
     kept on `store` (default: where each chunk came from)."""
     device = next(block.parameters()).device
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    parts: dict[str, Assembler] = {}
+    parts: dict[str, Assembler | TokenCollector] = {}
     shape: list[tuple[int, int]] = []
 
     def hook(name: str):
@@ -87,19 +115,33 @@ def capture(
             parts[name].add(args[0].detach().reshape(*shape[0], -1))  # OPT flattens tokens
         return record
 
-    handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    def routed_hook(name: str):
+        parent = block.get_submodule(name.rpartition(".")[0])
+
+        def record(module: nn.Module, args: tuple) -> None:
+            # the expert holding this linear says which tokens of the micro-batch it is given
+            parts[name].add(args[0].detach().reshape(-1, args[0].shape[-1]), parent.routed_tokens, shape[0][1])
+        return record
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(routed_hook(n) if routed(block, n) else hook(n))
+               for n in names]
     outs = []
     try:
         for x in x_chunks:
             keep = store or x.device
-            parts.update({n: Assembler(keep, x.shape[0]) for n in names})
+            parts.update({n: TokenCollector(keep) if routed(block, n) else Assembler(keep, x.shape[0])
+                          for n in names})
             out = Assembler(keep, x.shape[0])
             for xm in micro_batches(upload(x, device), micro):
                 shape[:] = [(xm.shape[0], xm.shape[1])]
                 out.add(run_module(block, xm, kwargs))
             outs.append(out.result())
             for n in names:
-                feats[n].append(parts.pop(n).result())
+                part = parts.pop(n).result()
+                if isinstance(part, list):  # routed: one entry per sample that routed any token
+                    feats[n].extend(part)
+                else:
+                    feats[n].append(part)
     finally:
         for h in handles:
             h.remove()
@@ -134,6 +176,8 @@ def folded_tensors(block: nn.Module, records: BlockRecords) -> dict[str, torch.T
         for record in records.scales:
             if record.prev_op == module and param in ("weight", "bias"):
                 fold_into_prev(t, "bias" if param == "bias" else "norm", record)
+            if module in record.absorbers and param == "weight":  # a router reading prev_op: W * s
+                t.mul_(record.scales.to(device=t.device, dtype=torch.float32).view(1, -1))
         out[key] = t
     return out
 
@@ -156,13 +200,21 @@ def search_block(
     records = BlockRecords()
     source = input_source(block, family, config)
     device = next(block.parameters()).device
+    for key in sorted(set(source.values())):
+        if routed(block, key):
+            records.tokens[key] = n_tokens(feats[key])
+    cold = {key for key, n in records.tokens.items() if n < qcfg.min_expert_tokens}
+    records.fallback = [name for name in linear_names(block) if source[name] in cold]
     if qcfg.mode == "keep1":
         for name in linear_names(block):
-            records.salient[name] = salient_channels(act_scale(feats[source[name]], device), qcfg.salient_frac)
+            records.salient[name] = (torch.zeros(0, dtype=torch.long) if source[name] in cold else
+                                     salient_channels(act_scale(feats[source[name]], device), qcfg.salient_frac))
         return records
     if qcfg.mode in ("awq", "s2"):
         for group in family.scale_groups(config):  # every search sees the unscaled block, as in the paper
-            x = feats[group.linears[0]]
+            if search_input(group) in cold:  # too few tokens to judge a scale: none (s = 1)
+                continue
+            x = feats[search_input(group)]
             x_mean = act_scale(x, device)
             if qcfg.mode == "awq":
                 linears = [block.get_submodule(n) for n in group.linears]
@@ -173,13 +225,13 @@ def search_block(
             else:
                 scales, losses = fixed_scale(x_mean, qcfg.salient_frac), []
             records.scales.append(ScaleRecord(group.prev_op, group.linears, scales, losses, group.prev_rows,
-                                              family.norm_offset))
+                                              family.norm_offset, group.absorbers))
         for record in records.scales:
             check_foldable(block, record)
     if qcfg.mode == "awq" and qcfg.clip:
         scale_of = records.scales_by_linear()
         for name in linear_names(block):
-            if name in family.no_clip:
+            if name in family.no_clip or source[name] in cold:
                 continue
             x_tok = sample_tokens(feats[source[name]], qcfg.clip_tokens).to(device)
             if name in scale_of:  # the scaled linear sees x / s
@@ -208,8 +260,7 @@ def quantize_block(
     The next block's inputs are this block's unquantized outputs (as llm-awq does), or with
     qcfg.next_input "quantized" the outputs of the block as the checkpoint holds it (the GPTQ
     paper's sequential order: each block calibrated on what the quantized model feeds it)."""
-    captured = set(input_source(block, family, config).values())
-    feats, x_next = capture(block, x_chunks, kwargs, captured, store, micro)
+    feats, x_next = capture(block, x_chunks, kwargs, captured_inputs(block, family, config), store, micro)
     if qcfg.next_input == "quantized":
         del x_next
     records = search_block(block, family, config, feats, kwargs, qcfg, ops, micro)
@@ -269,7 +320,7 @@ def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig, f
         if name in clip_of:
             max_val = clip_of[name].to(device=w.device, dtype=w.dtype)[..., None]
             w.view(w.shape[0], max_val.shape[1], -1).clamp_(-max_val, max_val)  # as apply_clip, in place
-        if qcfg.gptq:
+        if qcfg.gptq and name not in records.fallback:
             try:
                 codes, scales, zeros = gptq_quantize(w, hessians(name), qcfg.w_bit, qcfg.group_size, qcfg.zero_point,
                                                      storage, qcfg.gptq_damp, act_order=qcfg.gptq_act_order)

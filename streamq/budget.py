@@ -9,6 +9,8 @@ streamq.json."""
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
@@ -69,6 +71,14 @@ class BlockShape:
             module = block.get_submodule(name)
             return module.out_features if isinstance(module, nn.Linear) else hidden
 
+        def captured_width(name: str) -> int:
+            # a linear's input; a routed one (an expert's) holds its share of the tokens, which
+            # over all experts is exactly top-k of every token; a module's (a sparse MLP): hidden
+            if name not in linears:
+                return hidden
+            m = linears[name]
+            return math.ceil(m.in_features * getattr(m, "routed_fraction", 1.0))
+
         def clip_bytes(m: nn.Linear) -> int:
             # the sampled tokens (as captured, divided by the scales, in float32); per batch of
             # output channels its weights in six forms (float32 copy, clipped, quantized in
@@ -84,7 +94,7 @@ class BlockShape:
             largest_group=max([sum(linears[n].weight.numel() for n in g.linears) for g in groups] or [0]),
             hidden=hidden,
             widest=max(max(m.out_features for m in linears.values()), 3 * hidden),
-            captured_width=sum(linears[n].in_features for n in captured),
+            captured_width=sum(captured_width(n) for n in captured),
             ref_width=max([out_width(g.inspect) for g in groups] or [hidden]),
             clip_bytes=max(clip_bytes(m) for m in linears.values()),
             gptq_bytes=max(4 * m.in_features ** 2 * FLOAT32 + m.weight.numel() * (FLOAT32 + 1)

@@ -99,6 +99,9 @@ def run(
     clip_tokens: Optional[int] = typer.Option(None, "--clip-tokens", help="Calibration tokens the clip "
                                               "search judges on, taken at a fixed stride (the paper: 512; more "
                                               "than there are takes all)."),
+    min_expert_tokens: int = typer.Option(16, "--min-expert-tokens", help="Mixtures of experts: an expert the "
+                                          "router sends fewer calibration tokens is quantized round-to-nearest (no "
+                                          "scale of its own, no clip, no GPTQ); streamq.json counts them per block."),
     clip: bool = typer.Option(True, "--clip/--no-clip", help="awq mode: search per-group clipping ranges "
                               "after scaling (the paper); --no-clip is the scale-only ablation."),
     max_gpu_mem: Optional[str] = typer.Option(None, "--max-gpu-mem", help="Memory ceiling for one block's "
@@ -131,7 +134,8 @@ def run(
             next_input = "fp16" if method == Method.awq else "quantized"
         qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
                            mode="rtn" if method == Method.gptq else mode.value, clip=clip, gptq=method != Method.awq,
-                           gptq_damp=gptq_damp, next_input=next_input, **quant_recipe)
+                           gptq_damp=gptq_damp, next_input=next_input, min_expert_tokens=min_expert_tokens,
+                           **quant_recipe)
         ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen, **calib_recipe)
         with progress() as on_block:
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,
@@ -345,4 +349,10 @@ def print_summary(summary, output: Path) -> None:
         f" INT{qcfg.w_bit}" if qcfg.mode != "keep1" else
         f"  size: {summary.input_bytes / 1e9:.3f} GB -> {summary.output_bytes / 1e9:.3f} GB (fp16 fake-quant)",
     ]
+    routed = [b["experts"] for b in summary.blocks if b.get("experts")]
+    if routed:
+        fewest = min(n for r in routed for n in r["tokens"].values())
+        cold = sum(len(r["fallback"]) for r in routed)
+        lines.append(f"  experts: fewest calibration tokens routed to one {fewest}; {cold} expert linears quantized "
+                     f"round-to-nearest for fewer than {qcfg.min_expert_tokens} (per block in streamq.json)")
     typer.echo("\n".join(lines))

@@ -63,6 +63,9 @@ class QuantConfig:
     identity: bool = False
     max_shrink: float = 0.5  # clip candidates: max * (1 - i/n_grid) for i < max_shrink*n_grid
     clip_tokens: int = 512  # tokens sampled at a fixed stride for the clip search
+    # an expert given fewer calibration tokens is quantized round-to-nearest: no scale of its own
+    # (its gate/up still take the norm's), no clip, no GPTQ
+    min_expert_tokens: int = 16
     salient_frac: float = 0.01  # share of input channels treated as salient by s2 and keep1
     # every floating tensor written (scales, norms, biases, embeddings): fp16, or bf16 for the
     # compressed-tensors output of a bf16 model; scales are rounded to it before codes are computed
@@ -87,6 +90,8 @@ class QuantConfig:
             raise SettingsError(f"--next-input must be auto, fp16 or quantized, got {self.next_input!r}")
         if self.clip_tokens < 1:
             raise SettingsError(f"--clip-tokens must be at least 1, got {self.clip_tokens}")
+        if self.min_expert_tokens < 1:
+            raise SettingsError(f"--min-expert-tokens must be at least 1, got {self.min_expert_tokens}")
         if not 0 < self.gptq_damp < 1:
             raise SettingsError(f"--gptq-damp must be between 0 and 1, got {self.gptq_damp}")
         if self.storage_dtype not in STORAGE_DTYPES:

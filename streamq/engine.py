@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from . import faults
-from .block import check_shapes, check_storable, input_source, quantize_block
+from .block import captured_inputs, check_shapes, check_storable, quantize_block
 from .budget import BlockShape, Plan, forward_samples, plan_block
 from .calib import calibration_blocks, tokens_digest
 from .checkpoint import check_non_block_tensors, write_metadata, write_non_block_tensors
@@ -84,7 +84,7 @@ def _setup(model_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str, 
     dtype = compute_dtype(dev, dtype_request, reader.float_dtype())
     shape_block = meta_block(hf_config)  # every block has the same shapes
     check_shapes(shape_block, family.block_prefix(0), qcfg.group_size)
-    captured = set(input_source(shape_block, family, hf_config).values())
+    captured = captured_inputs(shape_block, family, hf_config)
     elem = torch.finfo(dtype).bits // 8
     if max_gpu_mem is None and dev.type == "cuda":
         max_gpu_mem = torch.cuda.mem_get_info(dev)[0]
@@ -260,12 +260,15 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
             check_storable(tensors, prefix)
             for name, t in tensors.items():
                 writer.add(prefix + name, t)
+            experts = {"tokens": records.tokens, "fallback": records.fallback} if records.tokens else None
             # records are not kept: at OPT-30B shape they are ~13 MB a block, growing with depth
             del block, records, tensors
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             stats = {"block": i, "seconds": round(time.time() - t0, 3), "peak_rss_bytes": peak_rss(),
                      "peak_gpu_bytes": peak_device(dev), "peak_gpu_reserved_bytes": peak_reserved(dev)}
+            if experts:
+                stats["experts"] = experts
             journal.commit(i + 1, writer, x_chunks, stats)
             summary.blocks.append(stats)
             if on_block:

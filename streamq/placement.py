@@ -55,3 +55,31 @@ class Assembler:
         if self.buffer is None or self.filled != self.samples:
             raise RuntimeError(f"chunk assembled from {self.filled} of {self.samples} samples")
         return self.buffer
+
+
+class TokenCollector:
+    """The inputs of a linear that sees only some tokens (an expert: those routed to it), as
+    they come off the device: one tensor [1, n, C] per calibration sample that routed any token
+    here (samples routing none are left out), in sample order and token order, kept on `store`.
+    Everything downstream reduces sample by sample in order (act_scale, the Hessian, the search's
+    per-sample errors), so one "sample" per calibration sample keeps every result independent
+    of how the samples were chunked."""
+
+    def __init__(self, store: torch.device):
+        self.store = store
+        self.samples: list[torch.Tensor] = []
+
+    def add(self, part: torch.Tensor, tokens: torch.Tensor, seqlen: int) -> None:
+        """part [n, C]: the inputs of the tokens at flat positions `tokens` (ascending) of a
+        micro-batch of samples of `seqlen` tokens."""
+        sample = torch.div(tokens, seqlen, rounding_mode="floor")
+        counts = torch.bincount(sample).tolist()
+        start = 0
+        for n in counts:
+            if n:
+                self.samples.append(to_store(part[start:start + n][None], self.store))
+            start += n
+
+    def result(self) -> list[torch.Tensor]:
+        out, self.samples = self.samples, []
+        return out

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from .families.base import LAYER_ADAPTERS
 from .block import BlockRecords, check_shapes, check_storable, quantize_block
 from .budget import forward_samples
 from .calib import calibration_blocks, tokens_digest
@@ -92,7 +93,10 @@ def quantize(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
     model = model.to(dev).eval()
     layers = model.get_submodule(family.layers_prefix)
+    adapt = LAYER_ADAPTERS.get(hf_config.model_type)
     for i, block in enumerate(layers):
+        if adapt:
+            adapt(block, model.config)
         check_shapes(block, family.block_prefix(i), qcfg.group_size)
     prepare_output_dir(out_dir, overwrite)
 

@@ -33,6 +33,7 @@ class ScaleRecord:
     losses: list[float] = field(default_factory=list)  # one per grid point, for inspection
     prev_rows: tuple[int, int] | None = None  # a fused previous linear: only these output rows
     norm_offset: float = 0.0  # a previous norm computing x * (norm_offset + w) (Gemma: 1)
+    absorbers: tuple[str, ...] = ()  # unquantized modules reading prev_op (routers): weight * s
 
 
 def fold_into_prev(t: torch.Tensor, kind: str, record: ScaleRecord) -> None:
@@ -295,6 +296,10 @@ def check_foldable(block: nn.Module, record: ScaleRecord) -> None:
     if b - a != record.scales.numel() or b > prev.weight.shape[0]:
         raise ValueError(f"cannot fold {record.scales.numel()} scales into rows {a}:{b} of {record.prev_op} "
                          f"({prev.weight.shape[0]} outputs)")
+    for name in record.absorbers:
+        weight = getattr(block.get_submodule(name), "weight", None)
+        if weight is None or weight.dim() != 2 or weight.shape[1] != record.scales.numel():
+            raise ValueError(f"{name} cannot absorb {record.scales.numel()} input scales")
 
 
 @torch.no_grad()
@@ -305,7 +310,7 @@ def apply_scale(block: nn.Module, record: ScaleRecord) -> None:
     fold_into_prev(prev.weight.data, "linear" if isinstance(prev, nn.Linear) else "norm", record)
     if getattr(prev, "bias", None) is not None:
         fold_into_prev(prev.bias.data, "bias", record)
-    for name in record.linears:
+    for name in record.linears + record.absorbers:
         w = block.get_submodule(name).weight
         w.mul_(record.scales.to(device=w.device, dtype=w.dtype).view(1, -1))
 

@@ -42,6 +42,16 @@ OTHER_FAMILIES = {
                      "query_pre_attn_scalar": 32}, ("input_layernorm", "pre_feedforward_layernorm")),
     "phi3": ({"sliding_window": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0},
              ("input_layernorm", "post_attention_layernorm")),
+    # mixtures of experts: 4 experts, top-2 (the expert width is --ffn)
+    "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None, "router_jitter_noise": 0.0},
+                ("input_layernorm", "post_attention_layernorm")),
+    "qwen2_moe": ({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": None,
+                   "shared_expert_intermediate_size": None, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                   "norm_topk_prob": False, "use_sliding_window": False},
+                  ("input_layernorm", "post_attention_layernorm")),
+    "qwen3_moe": ({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": None, "decoder_sparse_step": 1,
+                   "mlp_only_layers": [], "norm_topk_prob": True, "use_sliding_window": False},
+                  ("input_layernorm", "post_attention_layernorm")),
 }
 
 
@@ -85,6 +95,7 @@ def make_tiny(
         blocks = model.model.layers
     elif family in OTHER_FAMILIES:
         extra, norms = OTHER_FAMILIES[family]
+        extra = {k: ffn if v is None else v for k, v in extra.items()}  # expert widths: --ffn
         config = AutoConfig.for_model(
             family, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
             num_key_value_heads=kv_heads or heads, head_dim=hidden // heads, vocab_size=vocab,

@@ -1,5 +1,5 @@
 """Write a random OPT model with OPT-30B's block shape (hidden 7168, ffn 28672, 56 heads), or a
-LLaMA model of a given shape, with N layers, one block per shard, generating one block at a time
+LLaMA or Mixtral (8 experts, top-2) model of a given shape, with N layers, one block per shard, generating one block at a time
 so the writer never holds the model. A small vocabulary keeps the non-block tensors small: the
 blocks are what is measured.
 
@@ -45,6 +45,13 @@ def llama_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int, kv_
     }
 
 
+def mixtral_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int, kv_heads: int | None = None,
+                   experts: int = 8, top_k: int = 2) -> dict:
+    return {**llama_config(layers, hidden, ffn, heads, vocab, kv_heads), "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral", "num_local_experts": experts, "num_experts_per_tok": top_k,
+            "router_jitter_noise": 0.0, "sliding_window": None, "output_router_logits": False}
+
+
 def salient_norm(hidden: int, g: torch.Generator) -> torch.Tensor:
     w = torch.ones(hidden)
     w[torch.randperm(hidden, generator=g, device=g.device)[:8].cpu()] = 20.0  # salient channels, as real models have
@@ -70,6 +77,24 @@ def llama_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator, kv: i
     return t
 
 
+def mixtral_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator, kv: int | None = None,
+                          experts: int = 8) -> dict[str, torch.Tensor]:
+    """Mixtral's block as its checkpoints hold it: one tensor per expert weight, the router."""
+    p = f"model.layers.{i}."
+    kv = kv or hidden
+    t: dict[str, torch.Tensor] = {}
+    for name, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (kv, hidden)),
+                        ("self_attn.v_proj", (kv, hidden)), ("self_attn.o_proj", (hidden, hidden)),
+                        ("block_sparse_moe.gate", (experts, hidden))]:
+        t[p + name + ".weight"] = random_weight(shape, g)
+    for e in range(experts):
+        for name, shape in (("w1", (ffn, hidden)), ("w3", (ffn, hidden)), ("w2", (hidden, ffn))):
+            t[f"{p}block_sparse_moe.experts.{e}.{name}.weight"] = random_weight(shape, g)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        t[p + norm + ".weight"] = salient_norm(hidden, g)
+    return t
+
+
 def opt_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator, kv: int | None = None) -> dict[str, torch.Tensor]:
     p = f"model.decoder.layers.{i}."
     t: dict[str, torch.Tensor] = {}
@@ -90,10 +115,12 @@ def write(out: Path, family: str, layers: int, hidden: int, ffn: int, heads: int
     g = torch.Generator(device=gen_device).manual_seed(seed)
     weight_map: dict[str, str] = {}
     kv = hidden // heads * kv_heads if kv_heads else None
-    if family == "llama":
+    if family in ("llama", "mixtral"):
         head = {"model.embed_tokens.weight": random_weight((vocab, hidden), g),
                 "model.norm.weight": torch.ones(hidden, dtype=torch.float16)}
         config, make_block = llama_config(layers, hidden, ffn, heads, vocab, kv_heads), llama_block_tensors
+        if family == "mixtral":
+            config, make_block = mixtral_config(layers, hidden, ffn, heads, vocab, kv_heads), mixtral_block_tensors
     else:
         head = {"model.decoder.embed_tokens.weight": random_weight((vocab, hidden), g),
                 "model.decoder.embed_positions.weight": random_weight((2050, hidden), g),
@@ -156,7 +183,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--family", choices=["opt", "llama"], default="opt")
+    parser.add_argument("--family", choices=["opt", "llama", "mixtral"], default="opt")
     parser.add_argument("--from", dest="src", type=Path, help="take the first --layers blocks of this model")
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--ffn", type=int, default=28672)

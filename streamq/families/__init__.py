@@ -8,10 +8,11 @@ from ..errors import UnsupportedModelError
 from .base import Family, ScaleGroup, build_block
 from .gemma import GEMMA2, GEMMA3
 from .llama import LLAMA, MISTRAL, QWEN2, QWEN3
+from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from .opt import OPT
 from .phi3 import PHI3
 
-FAMILIES: tuple[Family, ...] = (OPT, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3)
+FAMILIES: tuple[Family, ...] = (OPT, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE)
 
 __all__ = ["Family", "ScaleGroup", "FAMILIES", "detect", "build_block"]
 

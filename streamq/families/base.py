@@ -26,6 +26,12 @@ class ScaleGroup:
     # a fused previous linear (Phi-3's qkv_proj, gate_up_proj): only its output rows [a, b)
     # feed the group, so only they absorb 1/s
     prev_rows: tuple[int, int] | None = None
+    # the module whose input the search reads, where the linears see only part of it (a sparse
+    # MLP: the experts get the tokens routed to them); None: the first linear's input
+    input_of: str | None = None
+    # unquantized modules that also read prev_op's output (a router): their weights absorb s
+    # along their inputs, so they compute what they computed before the fold
+    absorbers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,10 +129,19 @@ def rotary_kwargs(config: Any, seqlen: int, device: torch.device, dtype: torch.d
             "position_embeddings": (cos, sin)}
 
 
+# model types whose decoder layer streamq assembles itself (config, index) -> module: mixtures of
+# experts, whose experts transformers fuses in memory (families/moe.py)
+BLOCK_BUILDERS: dict[str, Callable[[Any, int], nn.Module]] = {}
+# and how such a layer of a whole transformers model becomes the one streamq builds, in place,
+# sharing the model's storage (the unstreamed reference holds the whole model)
+LAYER_ADAPTERS: dict[str, Callable[[nn.Module, Any], None]] = {}
+
+
 def meta_block(config: Any, index: int = 0) -> nn.Module:
     """A block with no storage: its shapes, for checks made before any weight is read."""
     with torch.device("meta"):
-        return modeling_class(config, "DecoderLayer")(config, layer_idx=index)
+        build = BLOCK_BUILDERS.get(config.model_type)
+        return build(config, index) if build else modeling_class(config, "DecoderLayer")(config, layer_idx=index)
 
 
 def eager_only(config: Any) -> bool:

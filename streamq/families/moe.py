@@ -1,0 +1,221 @@
+"""Mixtures of experts: Mixtral, Qwen2-MoE, Qwen3-MoE.
+
+Transformers 5 fuses a block's experts into 3-D parameters in memory while checkpoints hold one
+tensor per expert. streamq builds the sparse MLP itself with one nn.Linear per expert weight,
+named as the checkpoint names them (`block_sparse_moe.experts.3.w1`, `mlp.experts.3.gate_proj`),
+so the block reads the shards' tensors as they are (no fused copy), and the search, clip, GPTQ
+and packing see ordinary linears. Its forward computes what transformers' eager experts compute:
+the router's softmax in float32, top-k, (renormalised) weights, each hit expert over its tokens,
+summed with index_add_ in expert order.
+
+The router (and Qwen2-MoE's shared-expert gate) stay unquantized: they are plain modules with a
+weight, not linears, so every linear-only path leaves them alone, and they are named in the
+output's ignore list. They read the post-attention norm's output, so when that norm absorbs 1/s
+they absorb s along their inputs (ScaleGroup.absorbers): routing is then what the unscaled
+model routes, up to the rounding of W * s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ..errors import UnsupportedModelError
+from .base import BLOCK_BUILDERS, LAYER_ADAPTERS, Family, ScaleGroup, modeling_class
+from .llama import LLAMA, gqa
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeLayout:
+    """Where a family keeps its sparse MLP and what its parts are called on disk."""
+
+    attr: str  # the decoder layer's attribute on disk: block_sparse_moe (Mixtral) or mlp
+    names: tuple[str, str, str]  # an expert's gate, up and down projections
+    n_experts: str  # the config field counting experts
+    moe_ffn: str  # the config field of an expert's width
+    renormalise: str | None  # config field saying whether top-k weights are renormalised; None: always
+    scores_in_compute_dtype: bool  # the weights cast to the logits' dtype before use (Qwen) or kept in float32
+    shared: bool = False  # a shared expert beside the routed ones, gated by sigmoid(shared_expert_gate(x))
+
+
+class Router(nn.Module):
+    """A weight the block's input is multiplied with and which is never quantized: the router
+    ([experts, hidden]) or the shared expert's gate ([1, hidden])."""
+
+    def __init__(self, rows: int, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Expert(nn.Module):
+    """act(gate(x)) * up(x) -> down, three linears named as on disk. `routed`: a linear that
+    sees only the tokens routed to it, on average `routed_fraction` of them (read by capture and
+    by the memory planner)."""
+
+    def __init__(self, names: tuple[str, str, str], hidden: int, width: int, act: str, routed_fraction: float | None):
+        super().__init__()
+        self.names = names
+        for name, (i, o) in zip(names, ((hidden, width), (hidden, width), (width, hidden))):
+            lin = nn.Linear(i, o, bias=False)
+            if routed_fraction is not None:
+                lin.routed_fraction = routed_fraction
+            self.add_module(name, lin)
+        self.act_fn = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+class SparseMoe(nn.Module):
+    def __init__(self, config: Any, layout: MoeLayout):
+        super().__init__()
+        hidden, n = config.hidden_size, int(getattr(config, layout.n_experts))
+        self.top_k = int(config.num_experts_per_tok)
+        self.renormalise = True if layout.renormalise is None else bool(getattr(config, layout.renormalise))
+        self.scores_in_compute_dtype = layout.scores_in_compute_dtype
+        self.gate = Router(n, hidden)
+        width = int(getattr(config, layout.moe_ffn))
+        self.experts = nn.ModuleList(Expert(layout.names, hidden, width, config.hidden_act, self.top_k / n)
+                                     for _ in range(n))
+        if layout.shared:
+            self.shared_expert = Expert(("gate_proj", "up_proj", "down_proj"), hidden,
+                                        config.shared_expert_intermediate_size, config.hidden_act, None)
+            self.shared_expert_gate = Router(1, hidden)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, t, h = hidden_states.shape
+        x = hidden_states.reshape(-1, h)
+        logits = self.gate(x)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalise:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        if self.scores_in_compute_dtype:
+            weights = weights.to(logits.dtype)
+        out = torch.zeros_like(x)
+        hit = F.one_hot(chosen, num_classes=len(self.experts)).permute(2, 1, 0)  # [expert, k, token]
+        for e in torch.greater(hit.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist():
+            pos, tokens = torch.where(hit[e])
+            tokens, order = tokens.sort()  # token order (each token comes once per expert)
+            pos = pos[order]
+            expert = self.experts[e]
+            expert.routed_tokens = tokens  # read by the capture of its inputs (block.capture)
+            try:
+                y = expert(x[tokens]) * weights[tokens, pos, None]
+            finally:
+                del expert.routed_tokens
+            out.index_add_(0, tokens, y.to(out.dtype))
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.reshape(b, t, h)
+
+
+def sparse_layers(config: Any) -> bool:
+    """Every decoder layer holds the sparse MLP (Qwen's mlp_only_layers and decoder_sparse_step
+    can make some dense; such models are not supported yet)."""
+    only = list(getattr(config, "mlp_only_layers", None) or [])
+    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+    return not only and step == 1
+
+
+def moe_builder(layout: MoeLayout):
+    def build(config: Any, index: int) -> nn.Module:
+        """The transformers decoder layer with its sparse MLP replaced by SparseMoe, registered
+        under the checkpoint's name; for Mixtral (disk: block_sparse_moe, memory: mlp) the layer's
+        forward still finds it as self.mlp through a plain attribute that no state dict sees."""
+        if not sparse_layers(config):
+            raise UnsupportedModelError(
+                f"{config.model_type} with dense decoder layers (mlp_only_layers={config.mlp_only_layers}, "
+                f"decoder_sparse_step={config.decoder_sparse_step}) is not supported yet: every layer must be sparse")
+        layer = modeling_class(config, "DecoderLayer")(config, layer_idx=index)
+        moe = SparseMoe(config, layout)
+        del layer.mlp
+        setattr(layer, layout.attr, moe)
+        if layout.attr != "mlp":
+            object.__setattr__(layer, "mlp", moe)
+        return layer
+    return build
+
+
+def moe_adapter(layout: MoeLayout):
+    @torch.no_grad()
+    def adapt(layer: nn.Module, config: Any) -> None:
+        """A transformers decoder layer (fused experts) made into the one moe_builder builds:
+        every expert linear's weight is a view of the fused parameters (gate_up_proj[e] rows
+        [0, F) and [F, 2F), down_proj[e]), the routers share the model's tensors."""
+        fused = layer.mlp
+        param = fused.experts.gate_up_proj
+        with torch.device("meta"):
+            moe = SparseMoe(config, layout)
+        width = fused.experts.down_proj.shape[-1]
+        gate, up, down = layout.names
+        for e, expert in enumerate(moe.experts):
+            for name, w in ((gate, param[e, :width]), (up, param[e, width:]), (down, fused.experts.down_proj[e])):
+                getattr(expert, name).weight = nn.Parameter(w, requires_grad=False)
+        moe.gate.weight = fused.gate.weight
+        if layout.shared:
+            moe.shared_expert = fused.shared_expert
+            moe.shared_expert_gate.weight = fused.shared_expert_gate.weight
+        del layer.mlp
+        setattr(layer, layout.attr, moe)
+        if layout.attr != "mlp":
+            object.__setattr__(layer, "mlp", moe)
+    return adapt
+
+
+def _moe_groups(layout: MoeLayout):
+    gate, up, down = layout.names
+    p = layout.attr
+
+    def groups(config: Any) -> list[ScaleGroup]:
+        n = int(getattr(config, layout.n_experts))
+        out = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                          "self_attn", inspect_takes_block_kwargs=True)]
+        if not gqa(config):
+            out.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
+        # the norm feeds every expert's gate and up (and the shared expert's): one s for all of
+        # them, judged on the sparse MLP's output over all tokens; the router absorbs it exactly
+        first = tuple(f"{p}.experts.{e}.{name}" for e in range(n) for name in (gate, up))
+        shared = (f"{p}.shared_expert.gate_proj", f"{p}.shared_expert.up_proj") if layout.shared else ()
+        absorbers = (f"{p}.gate",) + ((f"{p}.shared_expert_gate",) if layout.shared else ())
+        out.append(ScaleGroup("post_attention_layernorm", first + shared, p, input_of=p, absorbers=absorbers))
+        # each expert's up -> down, on the tokens routed to it
+        out += [ScaleGroup(f"{p}.experts.{e}.{up}", (f"{p}.experts.{e}.{down}",), f"{p}.experts.{e}.{down}")
+                for e in range(n)]
+        if layout.shared:
+            out.append(ScaleGroup(f"{p}.shared_expert.up_proj", (f"{p}.shared_expert.down_proj",),
+                                  f"{p}.shared_expert.down_proj"))
+        return out
+    return groups
+
+
+def _ignored(layout: MoeLayout):
+    def ignored(config: Any) -> list[str]:
+        # the routers stay in the checkpoint's dtype (loaders take these names as unquantized)
+        names = ["lm_head", f"re:.*{layout.attr}\\.gate$"]
+        return names + ([f"re:.*{layout.attr}\\.shared_expert_gate$"] if layout.shared else [])
+    return ignored
+
+
+def _family(name: str, layout: MoeLayout) -> Family:
+    BLOCK_BUILDERS[name] = moe_builder(layout)
+    LAYER_ADAPTERS[name] = moe_adapter(layout)
+    return dataclasses.replace(LLAMA, name=name, model_types=(name,), scale_groups=_moe_groups(layout),
+                               extra_linears=_ignored(layout))
+
+
+MIXTRAL = _family("mixtral", MoeLayout("block_sparse_moe", ("w1", "w3", "w2"), "num_local_experts",
+                                       "intermediate_size", None, False))
+QWEN2_MOE = _family("qwen2_moe", MoeLayout("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
+                                           "moe_intermediate_size", "norm_topk_prob", True, shared=True))
+QWEN3_MOE = _family("qwen3_moe", MoeLayout("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
+                                           "moe_intermediate_size", "norm_topk_prob", True))

@@ -1,0 +1,166 @@
+"""Mixtures of experts (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE), on tiny random
+models of 4 experts, top-2: streamed perplexity equals transformers', the output equals the
+unstreamed reference byte for byte at any budget, the routers stay unquantized and absorb the
+norm's scales, an expert without calibration tokens is quantized round-to-nearest, resume after
+SIGKILL is byte-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dequant import dequantize_checkpoint
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from helpers import checkpoint_bytes
+from make_tiny_model import make_tiny
+from streamq import engine, reference
+from streamq.block import quantize_block
+from streamq.cli import app
+from streamq.config import CalibConfig, QuantConfig
+from streamq.families import build_block, detect
+from streamq.formats.awq import AWQ
+from streamq.models import load_config
+from streamq.ppl import perplexity
+from streamq.quant import quant_params, quantize
+from streamq.shards import ShardReader
+from test_ppl import SEQLEN, eval_text, reference_ppl, text_ids  # noqa: F401 (eval_text is a fixture)
+
+CALIB = CalibConfig(n_samples=6, seqlen=64)
+MOE = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe")
+    return {name: make_tiny(root / name, name, hidden=128, ffn=128, kv_heads=2 if name == "mixtral" else None,
+                            seed=40 + i) for i, name in enumerate(MOE)}
+
+
+def tensors(out: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(out.glob("model-*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_moe_streams_what_transformers_computes(moe_models, eval_text, tmp_path, name):  # noqa: F811
+    """The original's streamed ppl equals transformers' (fused experts); the AWQ output's equals
+    transformers' on the independently dequantized checkpoint (one tensor per expert, as read)."""
+    model_dir = moe_models[name]
+    ids = text_ids(model_dir, eval_text)
+    assert perplexity(model_dir, eval_text, seqlen=SEQLEN, device="cpu").ppl == \
+        pytest.approx(reference_ppl(model_dir, ids, SEQLEN), rel=1e-5)
+    out = tmp_path / "awq"
+    engine.quantize(model_dir, out, QuantConfig(), CALIB, device="cpu")
+    dequantize_checkpoint(out, tmp_path / "dequantized")
+    assert perplexity(out, eval_text, seqlen=SEQLEN, device="cpu").ppl == \
+        pytest.approx(reference_ppl(tmp_path / "dequantized", ids, SEQLEN), rel=1e-5)
+    written = tensors(out)
+    prefix = f"model.layers.0.{MOE[name]}"
+    assert f"{prefix}.gate.weight" in written and f"{prefix}.gate.qweight" not in written  # the router: fp16
+    assert f"{prefix}.experts.3.{'w2' if name == 'mixtral' else 'down_proj'}.qweight" in written
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert f"re:.*{MOE[name]}\\.gate$" in ignore
+
+
+@pytest.mark.parametrize("name,method", [("mixtral", "awq"), ("qwen2_moe", "awq"), ("qwen3_moe", "awq"),
+                                         ("qwen2_moe", "awq+gptq")])
+def test_moe_streamed_equals_reference(moe_models, tmp_path, name, method):
+    """Experts' inputs are kept per calibration sample, so chunking (the reference's 4 samples,
+    the engine's whole set or one sample under the smallest budget) never changes a byte."""
+    path = moe_models[name]
+    qcfg = QuantConfig(gptq=method == "awq+gptq", next_input="quantized" if method == "awq+gptq" else "fp16")
+    reference.quantize(path, tmp_path / "ref", qcfg, CALIB, chunk_samples=4, device="cpu")
+    expected = checkpoint_bytes(tmp_path / "ref")
+    minimum = engine.plan(path, qcfg, CALIB, device="cpu").minimum_bytes
+    for budget in (None, minimum):
+        out = tmp_path / f"s{budget}"
+        summary = engine.quantize(path, out, qcfg, CALIB, device="cpu", max_gpu_mem=budget)
+        assert checkpoint_bytes(out) == expected
+    routed = summary.blocks[0]["experts"]["tokens"]
+    assert sum(routed.values()) == 2 * 2 * CALIB.n_samples * CALIB.seqlen  # top-2, gate/up and down inputs
+
+
+def test_router_absorbs_the_norm_scale(moe_models, tmp_path):
+    """The post-attention norm is divided by s, so the router (fp16, unquantized) is multiplied
+    by s along its inputs: it computes what it computed before."""
+    path = moe_models["qwen2_moe"]
+    result = reference.quantize(path, tmp_path / "ref", QuantConfig(), CALIB, chunk_samples=4, device="cpu")
+    record = next(r for r in result.records[0].scales if r.prev_op == "post_attention_layernorm")
+    assert record.absorbers == ("mlp.gate", "mlp.shared_expert_gate")
+    original = ShardReader(path).with_prefix("model.layers.0.")
+    written = tensors(tmp_path / "ref")
+    for name in record.absorbers:
+        expected = (original[f"{name}.weight"].float() * record.scales.view(1, -1)).half()
+        assert torch.equal(written[f"model.layers.0.{name}.weight"], expected)
+    norm = (original["post_attention_layernorm.weight"].float() / record.scales).half()
+    assert torch.equal(written["model.layers.0.post_attention_layernorm.weight"], norm)
+
+
+def test_an_expert_without_tokens_is_quantized_round_to_nearest(moe_models):
+    """Inputs all positive and a router row that only ever loses: expert 3 gets no token. Its
+    gate/up still take the norm's scale (the norm is shared), but it has no scale, clip or GPTQ
+    of its own: its codes are RTN of its folded weights; the others are searched as usual."""
+    path = moe_models["qwen3_moe"]
+    config = load_config(path)
+    family, cpu = detect(config), torch.device("cpu")
+    block = build_block(config, 0, ShardReader(path).with_prefix("model.layers.0."), cpu, torch.float32)
+    with torch.no_grad():
+        block.mlp.gate.weight.copy_(torch.tensor([1.0, 1.0, 1.0, -1.0])[:, None].expand(4, 128))
+        block.mlp.gate.weight[:3] += torch.randn(3, 128) * 0.01  # the first three share the tokens
+    x = torch.rand(6, 64, 128, generator=torch.Generator().manual_seed(0)) + 0.5
+    kwargs = family.block_kwargs(config, 64, cpu, torch.float32)
+    qcfg = QuantConfig(gptq=True)
+    records, out, _ = quantize_block(block, family, config, list(x.split(4)), kwargs, qcfg)
+    assert records.tokens["mlp.experts.3.gate_proj"] == 0 and records.tokens["mlp.experts.0.gate_proj"] > 0
+    cold = [f"mlp.experts.3.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    assert sorted(records.fallback) == sorted(cold)
+    assert not any(r.prev_op == "mlp.experts.3.up_proj" for r in records.scales)
+    assert not any(r.linear in cold for r in records.clips)
+    s = next(r for r in records.scales if r.prev_op == "post_attention_layernorm").scales
+    for name in cold:
+        w = block.get_submodule(name).weight.data.float()
+        w = w * s.view(1, -1) if not name.endswith("down_proj") else w
+        scales, zeros = quant_params(w, 4, 128)
+        packed = AWQ.pack(quantize(w, scales, zeros, 4), scales.half(), zeros.to(torch.uint8), qcfg)
+        assert all(torch.equal(out[f"{name}.{k}"], v) for k, v in packed.items())
+
+
+def test_few_tokens_fall_back_and_are_reported(moe_models, tmp_path):
+    """--min-expert-tokens above the coldest expert's count: its three linears are RTN, listed
+    per block in streamq.json and counted in the run's summary."""
+    path = moe_models["mixtral"]
+    args = ["run", "--model", str(path), "--n-samples", "6", "--seqlen", "64", "--device", "cpu"]
+    first = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    routed = json.loads((tmp_path / "a" / "streamq.json").read_text())["blocks"][0]["experts"]["tokens"]
+    coldest = min(routed, key=routed.get)
+    assert "experts: fewest calibration tokens routed to one" in first.output and "0 expert linears" in first.output
+    second = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "b"), "--min-expert-tokens",
+                                      str(routed[coldest] + 1)])
+    assert second.exit_code == 0, second.output
+    fallback = json.loads((tmp_path / "b" / "streamq.json").read_text())["blocks"][0]["experts"]["fallback"]
+    expert = coldest.rsplit(".", 1)[0]
+    assert sorted(fallback) == sorted(f"{expert}.{w}" for w in ("w1", "w2", "w3"))
+    assert checkpoint_bytes(tmp_path / "a") != checkpoint_bytes(tmp_path / "b")
+    bad = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "c"), "--min-expert-tokens", "0"])
+    assert bad.exit_code == 2 and "--min-expert-tokens must be at least 1" in bad.output
+
+
+def test_moe_resume_after_sigkill_is_byte_identical(moe_models, tmp_path):
+    args = [sys.executable, "-m", "streamq", "run", "--model", str(moe_models["qwen2_moe"]), "--n-samples", "6",
+            "--seqlen", "64", "--device", "cpu", "--shard-size", "100KB"]
+    whole = subprocess.run([*args, "--output", str(tmp_path / "whole")], capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    cut = subprocess.run([*args, "--output", str(tmp_path / "cut")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "STREAMQ_KILL_AT": "block1:search"})
+    assert cut.returncode == -9
+    resumed = subprocess.run([sys.executable, "-m", "streamq", "resume", str(tmp_path / "cut"), "--device", "cpu"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint_bytes(tmp_path / "cut") == checkpoint_bytes(tmp_path / "whole")
