@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from helpers import peak_allocated_during
 from make_tiny_model import make_tiny
-from streamq.block import input_source, quantize_block
+from streamq.block import captured_inputs, quantize_block
 from streamq.budget import MAX_CHUNK_SAMPLES, SLACK_BYTES, BlockShape, plan_block
 from streamq.config import QuantConfig
 from streamq.families import build_block, detect
@@ -26,17 +26,18 @@ def one_block_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")
     return {name: make_tiny(root / name, family, hidden=256, ffn=1024, layers=1, heads=4, kv_heads=kv, vocab=512,
                             tokenizer=False, max_shard_size="100MB")
-            for name, family, kv in (("opt", "opt", None), ("llama", "llama", None), ("llama_gqa", "llama", 2))}
+            for name, family, kv in (("opt", "opt", None), ("llama", "llama", None), ("llama_gqa", "llama", 2),
+                                     ("mixtral", "mixtral", 2), ("qwen2_moe", "qwen2_moe", None))}
 
 
 def shape_of(config, qcfg=QuantConfig()):
     family = detect(config)
     block = meta_block(config)
-    captured = set(input_source(block, family, config).values())
+    captured = captured_inputs(block, family, config)
     return BlockShape.of(block, captured, family.scale_groups(config), qcfg.group_size, qcfg.clip_tokens)
 
 
-@pytest.mark.parametrize("name", ["opt", "llama", "llama_gqa"])
+@pytest.mark.parametrize("name", ["opt", "llama", "llama_gqa", "mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("micro", [None, 1])
 def test_measured_peak_stays_within_the_estimate(one_block_models, name, dtype, micro):
