@@ -79,3 +79,23 @@ def peak_allocated_during(fn) -> int:
     events.sort()
     start = events[0][2] - events[0][1]  # the running total just before the first event
     return max(total for _, _, total in events) - start
+
+
+def killed_run_resumes_byte_identical(args: list[str], tmp_path: Path, kill_at: str = "block1:search") -> str:
+    """`streamq run` with `args` (no --output) whole, and again SIGKILLed at `kill_at` then
+    resumed: both outputs are byte-identical. Returns the whole run's stdout."""
+    import os
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "streamq", "run", *args]
+    whole = subprocess.run([*run, "--output", str(tmp_path / "whole")], capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    cut = subprocess.run([*run, "--output", str(tmp_path / "cut")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "STREAMQ_KILL_AT": kill_at})
+    assert cut.returncode == -9
+    resumed = subprocess.run([sys.executable, "-m", "streamq", "resume", str(tmp_path / "cut"), "--device", "cpu"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint_bytes(tmp_path / "cut") == checkpoint_bytes(tmp_path / "whole")
+    return whole.stdout

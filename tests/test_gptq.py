@@ -4,15 +4,11 @@ paper, its Hessian's chunk invariance, its error against RTN, and the engine's g
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import DEVICES, checkpoint_bytes, needs_gpu
+from helpers import DEVICES, checkpoint_bytes, killed_run_resumes_byte_identical, needs_gpu
 from streamq import engine, reference
 from streamq.cli import app
 from streamq.config import CalibConfig, QuantConfig
@@ -152,17 +148,9 @@ def test_planner_counts_the_hessians(tiny_models):
 
 
 def test_gptq_run_resumes_byte_identical_and_reports_its_method(tiny_models, tmp_path):
-    args = [sys.executable, "-m", "streamq", "run", "--model", str(tiny_models["llama"]), "--n-samples", "6",
-            "--seqlen", "64", "--device", "cpu", "--method", "awq+gptq", "--shard-size", "150KB"]
-    whole = subprocess.run([*args, "--output", str(tmp_path / "whole")], capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0 and "(awq+gptq, INT4, group 128)" in whole.stdout, whole.stderr
-    cut = subprocess.run([*args, "--output", str(tmp_path / "cut")], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "STREAMQ_KILL_AT": "block1:search"})
-    assert cut.returncode == -9
-    resumed = subprocess.run([sys.executable, "-m", "streamq", "resume", str(tmp_path / "cut"), "--device", "cpu"],
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert checkpoint_bytes(tmp_path / "cut") == checkpoint_bytes(tmp_path / "whole")
+    out = killed_run_resumes_byte_identical(["--model", str(tiny_models["llama"]), "--n-samples", "6", "--seqlen", "64",
+                                             "--device", "cpu", "--method", "awq+gptq", "--shard-size", "150KB"], tmp_path)
+    assert "(awq+gptq, INT4, group 128)" in out
 
 
 def test_gptq_errors_are_one_line(tiny_models, tmp_path, monkeypatch):

@@ -7,9 +7,6 @@ SIGKILL is byte-identical."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from dequant import dequantize_checkpoint
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from helpers import checkpoint_bytes
+from helpers import checkpoint_bytes, killed_run_resumes_byte_identical
 from make_tiny_model import make_tiny
 from streamq import engine, reference
 from streamq.block import quantize_block
@@ -153,14 +150,6 @@ def test_few_tokens_fall_back_and_are_reported(moe_models, tmp_path):
 
 
 def test_moe_resume_after_sigkill_is_byte_identical(moe_models, tmp_path):
-    args = [sys.executable, "-m", "streamq", "run", "--model", str(moe_models["qwen2_moe"]), "--n-samples", "6",
-            "--seqlen", "64", "--device", "cpu", "--shard-size", "100KB"]
-    whole = subprocess.run([*args, "--output", str(tmp_path / "whole")], capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr
-    cut = subprocess.run([*args, "--output", str(tmp_path / "cut")], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "STREAMQ_KILL_AT": "block1:search"})
-    assert cut.returncode == -9
-    resumed = subprocess.run([sys.executable, "-m", "streamq", "resume", str(tmp_path / "cut"), "--device", "cpu"],
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert checkpoint_bytes(tmp_path / "cut") == checkpoint_bytes(tmp_path / "whole")
+    out = killed_run_resumes_byte_identical(["--model", str(moe_models["qwen2_moe"]), "--n-samples", "6", "--seqlen",
+                                             "64", "--device", "cpu", "--shard-size", "100KB"], tmp_path)
+    assert "experts: fewest calibration tokens routed to one" in out
