@@ -200,9 +200,11 @@ def _moe_groups(layout: MoeLayout):
 
 def _ignored(layout: MoeLayout):
     def ignored(config: Any) -> list[str]:
-        # the routers stay in the checkpoint's dtype (loaders take these names as unquantized)
-        names = ["lm_head", f"re:.*{layout.attr}\\.gate$"]
-        return names + ([f"re:.*{layout.attr}\\.shared_expert_gate$"] if layout.shared else [])
+        # the routers stay in the checkpoint's dtype; full module names, which both formats'
+        # loaders match (compressed-tensors by name, AutoAWQ/vLLM by substring)
+        names = ["gate"] + (["shared_expert_gate"] if layout.shared else [])
+        return ["lm_head"] + [f"{LLAMA.layers_prefix}.{i}.{layout.attr}.{n}" for i in range(config.num_hidden_layers)
+                              for n in names]
     return ignored
 
 
