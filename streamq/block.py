@@ -28,6 +28,7 @@ from .search import (
     act_scale,
     check_foldable,
     fixed_scale,
+    fold_into_inputs,
     fold_into_prev,
     keep_salient_quantize,
     micro_batches,
@@ -123,25 +124,24 @@ def capture(
             parts[name].add(args[0].detach().reshape(-1, args[0].shape[-1]), parent.routed_tokens, shape[0][1])
         return record
 
-    handles = [block.get_submodule(n).register_forward_pre_hook(routed_hook(n) if routed(block, n) else hook(n))
+    by_token = {n for n in names if routed(block, n)}
+    handles = [block.get_submodule(n).register_forward_pre_hook(routed_hook(n) if n in by_token else hook(n))
                for n in names]
     outs = []
     try:
         for x in x_chunks:
             keep = store or x.device
-            parts.update({n: TokenCollector(keep) if routed(block, n) else Assembler(keep, x.shape[0])
-                          for n in names})
+            parts.update({n: TokenCollector(keep) if n in by_token else Assembler(keep, x.shape[0]) for n in names})
             out = Assembler(keep, x.shape[0])
             for xm in micro_batches(upload(x, device), micro):
                 shape[:] = [(xm.shape[0], xm.shape[1])]
                 out.add(run_module(block, xm, kwargs))
             outs.append(out.result())
             for n in names:
-                part = parts.pop(n).result()
-                if isinstance(part, list):  # routed: one entry per sample that routed any token
-                    feats[n].extend(part)
+                if n in by_token:  # one entry per sample that routed any token here
+                    feats[n].extend(parts.pop(n).result())
                 else:
-                    feats[n].append(part)
+                    feats[n].append(parts.pop(n).result())
     finally:
         for h in handles:
             h.remove()
@@ -159,7 +159,7 @@ def folded_weight(block: nn.Module, name: str, records: BlockRecords) -> torch.T
         if record.prev_op == name:
             fold_into_prev(w, "linear", record)
         if name in record.linears:
-            w.mul_(record.scales.to(device=w.device, dtype=torch.float32).view(1, -1))
+            fold_into_inputs(w, record)
     return w
 
 
@@ -177,7 +177,7 @@ def folded_tensors(block: nn.Module, records: BlockRecords) -> dict[str, torch.T
             if record.prev_op == module and param in ("weight", "bias"):
                 fold_into_prev(t, "bias" if param == "bias" else "norm", record)
             if module in record.absorbers and param == "weight":  # a router reading prev_op: W * s
-                t.mul_(record.scales.to(device=t.device, dtype=torch.float32).view(1, -1))
+                fold_into_inputs(t, record)
         out[key] = t
     return out
 

@@ -50,6 +50,12 @@ def fold_into_prev(t: torch.Tensor, kind: str, record: ScaleRecord) -> None:
         rows.div_(s)
 
 
+def fold_into_inputs(t: torch.Tensor, record: ScaleRecord) -> None:
+    """Multiply a weight [out, in] by s along its inputs, in place: a scaled linear, or an
+    unquantized module reading the previous op's output (record.absorbers)."""
+    t.mul_(record.scales.to(device=t.device, dtype=t.dtype).view(1, -1))
+
+
 @dataclass
 class ClipRecord:
     """Per (output channel, group) clipping range: weights clamp to [-max_val, max_val]."""
@@ -311,8 +317,7 @@ def apply_scale(block: nn.Module, record: ScaleRecord) -> None:
     if getattr(prev, "bias", None) is not None:
         fold_into_prev(prev.bias.data, "bias", record)
     for name in record.linears + record.absorbers:
-        w = block.get_submodule(name).weight
-        w.mul_(record.scales.to(device=w.device, dtype=w.dtype).view(1, -1))
+        fold_into_inputs(block.get_submodule(name).weight.data, record)
 
 
 @torch.no_grad()

@@ -64,35 +64,33 @@ def random_weight(shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
     return (torch.randn(shape, generator=g, device=g.device) * 0.02).half().cpu()
 
 
-def llama_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator, kv: int | None = None) -> dict[str, torch.Tensor]:
+def _llama_layout(i: int, hidden: int, g: torch.Generator, kv: int | None,
+                  mlp: list[tuple[str, tuple[int, int]]]) -> dict[str, torch.Tensor]:
+    """A LLaMA-layout block: attention, then the `mlp` weights (name, shape), then the norms,
+    drawn in that order."""
     p = f"model.layers.{i}."
     kv = kv or hidden  # key/value width: hidden / heads * kv_heads under grouped-query attention
     t: dict[str, torch.Tensor] = {}
     for name, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (kv, hidden)),
-                        ("self_attn.v_proj", (kv, hidden)), ("self_attn.o_proj", (hidden, hidden)),
-                        ("mlp.gate_proj", (ffn, hidden)), ("mlp.up_proj", (ffn, hidden)), ("mlp.down_proj", (hidden, ffn))]:
+                        ("self_attn.v_proj", (kv, hidden)), ("self_attn.o_proj", (hidden, hidden)), *mlp]:
         t[p + name + ".weight"] = random_weight(shape, g)
     for norm in ("input_layernorm", "post_attention_layernorm"):
         t[p + norm + ".weight"] = salient_norm(hidden, g)
     return t
+
+
+def llama_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator, kv: int | None = None) -> dict[str, torch.Tensor]:
+    return _llama_layout(i, hidden, g, kv, [("mlp.gate_proj", (ffn, hidden)), ("mlp.up_proj", (ffn, hidden)),
+                                            ("mlp.down_proj", (hidden, ffn))])
 
 
 def mixtral_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator, kv: int | None = None,
                           experts: int = 8) -> dict[str, torch.Tensor]:
-    """Mixtral's block as its checkpoints hold it: one tensor per expert weight, the router."""
-    p = f"model.layers.{i}."
-    kv = kv or hidden
-    t: dict[str, torch.Tensor] = {}
-    for name, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (kv, hidden)),
-                        ("self_attn.v_proj", (kv, hidden)), ("self_attn.o_proj", (hidden, hidden)),
-                        ("block_sparse_moe.gate", (experts, hidden))]:
-        t[p + name + ".weight"] = random_weight(shape, g)
-    for e in range(experts):
-        for name, shape in (("w1", (ffn, hidden)), ("w3", (ffn, hidden)), ("w2", (hidden, ffn))):
-            t[f"{p}block_sparse_moe.experts.{e}.{name}.weight"] = random_weight(shape, g)
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        t[p + norm + ".weight"] = salient_norm(hidden, g)
-    return t
+    """Mixtral's block as its checkpoints hold it: the router, one tensor per expert weight."""
+    mlp = [("block_sparse_moe.gate", (experts, hidden))]
+    mlp += [(f"block_sparse_moe.experts.{e}.{name}", shape) for e in range(experts)
+            for name, shape in (("w1", (ffn, hidden)), ("w3", (ffn, hidden)), ("w2", (hidden, ffn)))]
+    return _llama_layout(i, hidden, g, kv, mlp)
 
 
 def opt_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator, kv: int | None = None) -> dict[str, torch.Tensor]:

@@ -56,9 +56,10 @@ class Router(nn.Module):
 
 
 class Expert(nn.Module):
-    """act(gate(x)) * up(x) -> down, three linears named as on disk. `routed`: a linear that
-    sees only the tokens routed to it, on average `routed_fraction` of them (read by capture and
-    by the memory planner)."""
+    """act(gate(x)) * up(x) -> down, three linears named as on disk. With `routed_fraction`
+    (a routed expert's share of the tokens, on average), each linear carries it: capture reads
+    such a linear's inputs token by token, the memory planner counts its share. While the
+    expert runs, `routed_tokens` says which tokens of the micro-batch it was given."""
 
     def __init__(self, names: tuple[str, str, str], hidden: int, width: int, act: str, routed_fraction: float | None):
         super().__init__()
@@ -129,21 +130,25 @@ def sparse_layers(config: Any) -> bool:
 
 def moe_builder(layout: MoeLayout):
     def build(config: Any, index: int) -> nn.Module:
-        """The transformers decoder layer with its sparse MLP replaced by SparseMoe, registered
-        under the checkpoint's name; for Mixtral (disk: block_sparse_moe, memory: mlp) the layer's
-        forward still finds it as self.mlp through a plain attribute that no state dict sees."""
+        """The transformers decoder layer with its sparse MLP replaced by SparseMoe."""
         if not sparse_layers(config):
             raise UnsupportedModelError(
                 f"{config.model_type} with dense decoder layers (mlp_only_layers={config.mlp_only_layers}, "
                 f"decoder_sparse_step={config.decoder_sparse_step}) is not supported yet: every layer must be sparse")
         layer = modeling_class(config, "DecoderLayer")(config, layer_idx=index)
-        moe = SparseMoe(config, layout)
-        del layer.mlp
-        setattr(layer, layout.attr, moe)
-        if layout.attr != "mlp":
-            object.__setattr__(layer, "mlp", moe)
+        _install(layer, layout, SparseMoe(config, layout))
         return layer
     return build
+
+
+def _install(layer: nn.Module, layout: MoeLayout, moe: SparseMoe) -> None:
+    """moe replaces the layer's sparse MLP, registered under the checkpoint's name; for Mixtral
+    (disk: block_sparse_moe, memory: mlp) the layer's forward still finds it as self.mlp through
+    a plain attribute that no state dict sees."""
+    del layer.mlp
+    setattr(layer, layout.attr, moe)
+    if layout.attr != "mlp":
+        object.__setattr__(layer, "mlp", moe)
 
 
 def moe_adapter(layout: MoeLayout):
@@ -165,10 +170,7 @@ def moe_adapter(layout: MoeLayout):
         if layout.shared:
             moe.shared_expert = fused.shared_expert
             moe.shared_expert_gate.weight = fused.shared_expert_gate.weight
-        del layer.mlp
-        setattr(layer, layout.attr, moe)
-        if layout.attr != "mlp":
-            object.__setattr__(layer, "mlp", moe)
+        _install(layer, layout, moe)
     return adapt
 
 
