@@ -19,7 +19,7 @@ from .formats import Format, dense_state
 from .formats.awq import AWQ
 from .gptq import NotPositiveDefinite, gptq_quantize, hessian, scaled_hessian
 from .kernels import TORCH, Ops
-from .placement import Assembler, TokenCollector, upload
+from .placement import Assembler, TokenCollector, compute_device, loaded, parked_root, upload
 from .quant import check_group_size, quant_params, quantize
 from .search import (
     Chunks,
@@ -106,7 +106,7 @@ def capture(
     """Run the unmodified block over the chunks (forward passes of `micro` samples); return the
     inputs of `names` per chunk (as [b, T, C]) and the block outputs (the next block's inputs),
     kept on `store` (default: where each chunk came from)."""
-    device = next(block.parameters()).device
+    device = compute_device(block)
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     parts: dict[str, Assembler | TokenCollector] = {}
     shape: list[tuple[int, int]] = []
@@ -149,12 +149,13 @@ def capture(
 
 
 def folded_weight(block: nn.Module, name: str, records: BlockRecords) -> torch.Tensor:
-    """A linear's weight with the scale records folded in, as a new float32 tensor: times s
+    """A linear's weight with the scale records folded in, as a new float32 tensor on the
+    block's compute device (a parked expert's comes from the host): times s
     along its inputs where it belongs to a group, divided by s along its rows where it is a
     group's previous op, in the order apply_scale replays the records. Never rounded to the
     compute dtype: in fp16 the scaled weights' rounding before quantization cost 0.4 % ppl on
     SmolLM2 (docs/benchmarks.md)."""
-    w = block.get_submodule(name).weight.data.to(torch.float32, copy=True)
+    w = block.get_submodule(name).weight.data.to(compute_device(block), torch.float32, copy=True)
     for record in records.scales:
         if record.prev_op == name:
             fold_into_prev(w, "linear", record)
@@ -199,7 +200,7 @@ def search_block(
     (None: a whole chunk)."""
     records = BlockRecords()
     source = input_source(block, family, config)
-    device = next(block.parameters()).device
+    device = compute_device(block)
     for key in sorted(set(source.values())):
         if routed(block, key):
             records.tokens[key] = n_tokens(feats[key])
@@ -219,9 +220,10 @@ def search_block(
             if qcfg.mode == "awq":
                 linears = [block.get_submodule(n) for n in group.linears]
                 inspect = block.get_submodule(group.inspect)
-                scales, losses = search_scale(inspect, linears, x, x_mean,
-                                              kwargs if group.inspect_takes_block_kwargs else {}, qcfg,
-                                              ops.scaled_pseudo_quantize, micro)
+                with loaded(parked_root(block, group.inspect)):  # one parked expert's group: on the device
+                    scales, losses = search_scale(inspect, linears, x, x_mean,
+                                                  kwargs if group.inspect_takes_block_kwargs else {}, qcfg,
+                                                  ops.scaled_pseudo_quantize, micro)
             else:
                 scales, losses = fixed_scale(x_mean, qcfg.salient_frac), []
             records.scales.append(ScaleRecord(group.prev_op, group.linears, scales, losses, group.prev_rows,
@@ -275,10 +277,10 @@ def quantize_block(
 def quantized_copy(block: nn.Module, tensors: dict[str, torch.Tensor], qcfg: QuantConfig, fmt: Format) -> nn.Module:
     """A copy of the block computing with the written tensors: packed linears dequantized as a
     loader does, every other tensor as stored; in the block's dtype, on its device."""
-    param = next(block.parameters())
-    state = dense_state(fmt, tensors, qcfg.w_bit, param.device)
-    twin = copy.deepcopy(block)
-    twin.load_state_dict({k: v.to(param.device, param.dtype) for k, v in state.items()}, strict=True)
+    device, dtype = compute_device(block), next(block.parameters()).dtype
+    state = dense_state(fmt, tensors, qcfg.w_bit, device)
+    twin = copy.deepcopy(block)  # parked experts: their copies stay parked in host memory
+    twin.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=True)
     return twin
 
 
@@ -288,7 +290,7 @@ def hessian_source(block: nn.Module, family: Family, config: Any, feats: dict[st
     and kept while the next linear shares it (q/k/v, gate/up: same inputs, same scales)."""
     source = input_source(block, family, config)
     scale_of = records.scales_by_linear()
-    device = next(block.parameters()).device
+    device = compute_device(block)
     cache: dict[str, torch.Tensor] = {}
 
     def get(name: str) -> torch.Tensor:
@@ -313,7 +315,7 @@ def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig, f
     clip_of = {r.linear: r.max_val for r in records.clips}
     for name in linear_names(block):
         if qcfg.mode == "keep1":
-            w = block.get_submodule(name).weight.data
+            w = block.get_submodule(name).weight.data.to(compute_device(block))
             out[f"{name}.weight"] = keep_salient_quantize(w, records.salient[name], qcfg).to(storage).cpu()
             continue
         w = folded_weight(block, name, records)

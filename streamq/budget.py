@@ -32,6 +32,7 @@ class Plan:
     estimated_peak_bytes: int
     minimum_bytes: int  # the smallest budget any plan fits in
     forward_samples: int | None = None  # samples per forward pass; None: a whole chunk
+    experts_parked: bool = False  # a mixture's routed experts wait in host memory, one on the device at a time
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -59,6 +60,9 @@ class BlockShape:
     ref_width: int  # the widest search reference: the output of a group's inspected module
     clip_bytes: int  # the clip search's working set for its largest linear (4-byte compute: a bound)
     gptq_bytes: int = 0  # GPTQ of the largest linear: its Hessian in four forms, its float32 weight, codes
+    parkable_elems: int = 0  # parameters of the modules that may wait in host memory (routed experts)
+    largest_parkable: int = 0  # parameters of the largest such module (one expert)
+    resident_group: int = 0  # elements of the largest group's weights cloned on the device when parked
 
     @classmethod
     def of(cls, block: nn.Module, captured: Iterable[str], groups: Iterable, group_size: int,
@@ -66,6 +70,11 @@ class BlockShape:
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         hidden = min(m.in_features for m in linears.values())
         groups = list(groups)
+        parkable = [(n, sum(p.numel() for p in m.parameters())) for n, m in block.named_modules()
+                    if getattr(m, "parkable", False)]
+
+        def parked(name: str) -> bool:
+            return any(name.startswith(f"{p}.") for p, _ in parkable)
 
         def out_width(name: str) -> int:
             module = block.get_submodule(name)
@@ -99,57 +108,84 @@ class BlockShape:
             clip_bytes=max(clip_bytes(m) for m in linears.values()),
             gptq_bytes=max(4 * m.in_features ** 2 * FLOAT32 + m.weight.numel() * (FLOAT32 + 1)
                            for m in linears.values()),
+            parkable_elems=sum(n for _, n in parkable),
+            largest_parkable=max([n for _, n in parkable] or [0]),
+            resident_group=max([sum(linears[n].weight.numel() for n in g.linears if not parked(n)) for g in groups]
+                               or [0]),
         )
 
 
 def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
                budget: int | None, default_chunk: int = 16, micro: int | None = None, gptq: bool = False,
-               twin: bool = False) -> Plan:
+               twin: bool = False, park: bool | None = None) -> Plan:
     """The largest chunk (in whole samples) that fits the budget, activations on the device
     if they fit there with at least one sample per chunk, else streamed from the host;
     `micro` samples per forward pass (None: the whole chunk); `twin`: a quantized copy of the block
-    runs the calibration again (--next-input quantized)."""
+    runs the calibration again (--next-input quantized). A block with routed experts that does
+    not fit whole parks its experts in host memory, one on the device at a time (`park`: None
+    decides so, True always, False never)."""
     e = elem_bytes
-    # the block's weights and, during a group's search, the group's originals; then the largest
-    # of: a candidate being made (w * s, the quantizer's float32 codes, the result), the clip
-    # search beside its linear's folded float32 weight, the output of the largest linear (its
-    # folded float32 weight turned into codes in place, uint8 codes and their transpose, int64
-    # words and their temporaries), or with GPTQ its Hessian and inverse factor beside the weight
     L = shape.largest_linear
-    fixed = (shape.weight_elems * e + shape.largest_group * e + SLACK_BYTES
-             + max(2 * L * e + L * FLOAT32, shape.clip_bytes + L * FLOAT32, 7 * L, shape.gptq_bytes if gptq else 0,
-                   shape.weight_elems * e if twin else 0))
+    # the largest of: a candidate being made (w * s, the quantizer's float32 codes, the result),
+    # the clip search beside its linear's folded float32 weight, the output of the largest
+    # linear (its folded float32 weight turned into codes in place, uint8 codes and their
+    # transpose, int64 words and their temporaries), or with GPTQ its Hessian and inverse factor
+    # beside the weight, or the quantized copy of the block's weights on the device
+    def transient(device_weights: int) -> int:
+        return max(2 * L * e + L * FLOAT32, shape.clip_bytes + L * FLOAT32, 7 * L, shape.gptq_bytes if gptq else 0,
+                   device_weights * e if twin else 0)
+
+    # whole: the block's weights and, during a group's search, the group's originals; parked:
+    # the weights but the experts', the originals of the group's linears that are not parked, one
+    # expert loaded and the originals of its own group
+    whole = shape.weight_elems * e + shape.largest_group * e + SLACK_BYTES + transient(shape.weight_elems)
+    kept = shape.weight_elems - shape.parkable_elems
+    parked = (kept * e + shape.resident_group * e + 2 * shape.largest_parkable * e + SLACK_BYTES
+              + transient(kept))
     # per sample kept for the whole block: input, output, captured linear inputs, and the
     # references of the group being searched
     resident = seqlen * e * (2 * shape.hidden + shape.captured_width + shape.ref_width)
     # per sample in one forward pass: the block's intermediates; and one sample's error in float32
     per_forward = seqlen * e * (4 * shape.widest + 6 * shape.hidden)
     loss = 3 * seqlen * shape.ref_width * FLOAT32
+    # parked experts come to the device once for all the forward passes of a chunk, whose outputs
+    # (and routes: 64 bytes a token bound them) are then held together
+    batch_out = seqlen * (shape.hidden * e + 64)
 
-    def working(c: int) -> int:
-        return (micro or c) * per_forward + loss
+    def peaks(fixed: int, per_chunk: int):
+        def on_device(c: int) -> int:
+            return fixed + n_samples * resident + (micro or c) * per_forward + loss + c * per_chunk
 
-    def on_device(c: int) -> int:
-        return fixed + n_samples * resident + working(c)
+        def streamed(c: int) -> int:
+            return fixed + 2 * c * resident + (micro or c) * per_forward + loss + c * per_chunk
+        return on_device, streamed
 
-    def streamed(c: int) -> int:
-        return fixed + 2 * c * resident + working(c)
-
-    minimum = streamed(1)
+    options = []
+    if park is not True or not shape.parkable_elems:
+        options.append((False, *peaks(whole, 0)))
+    if park is not False and shape.parkable_elems:
+        options.append((True, *peaks(parked, batch_out)))
+    minimum = min(streamed(1) for _, _, streamed in options)
     if budget is None:
         c = min(n_samples, default_chunk)
-        return Plan(c, False, streamed(c), minimum, micro)
+        parks, _, streamed = options[0]
+        return Plan(c, False, streamed(c), minimum, micro, parks)
     cap = min(n_samples, MAX_CHUNK_SAMPLES)
-    if on_device(1) <= budget:
-        c = max(k for k in range(1, cap + 1) if on_device(k) <= budget)
-        return Plan(c, True, on_device(c), minimum, micro)
-    if minimum <= budget:
-        c = max(k for k in range(1, cap + 1) if streamed(k) <= budget)
-        return Plan(c, False, streamed(c), minimum, micro)
+    for parks, on_device, streamed in options:  # the whole block first: parking costs transfers
+        if on_device(1) <= budget:
+            c = max(k for k in range(1, cap + 1) if on_device(k) <= budget)
+            return Plan(c, True, on_device(c), minimum, micro, parks)
+        if streamed(1) <= budget:
+            c = max(k for k in range(1, cap + 1) if streamed(k) <= budget)
+            return Plan(c, False, streamed(c), minimum, micro, parks)
+    weights = f"its weights of {format_bytes(shape.weight_elems * e)}"
+    if shape.parkable_elems:
+        weights = (f"its weights but the experts', {format_bytes(kept * e)}, with one expert of "
+                   f"{format_bytes(shape.largest_parkable * e)} at a time")
     raise SettingsError(
         f"--max-gpu-mem {format_bytes(budget)} is too small: one block needs at least "
-        f"{format_bytes(minimum)} (its weights of {format_bytes(shape.weight_elems * e)}, the search's "
-        f"copies of its largest linears, and one calibration sample of {seqlen} tokens in flight)"
+        f"{format_bytes(minimum)} ({weights}, the search's copies of its largest linears, and one calibration "
+        f"sample of {seqlen} tokens in flight)"
     )
 
 

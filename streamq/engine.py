@@ -250,7 +250,7 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
             t0 = time.time()
             reset_peaks(dev)
             prefix = family.block_prefix(i)
-            block = build_block(hf_config, i, run.reader.with_prefix(prefix), dev, run.dtype)
+            block = build_block(hf_config, i, run.reader.with_prefix(prefix), dev, run.dtype, run.plan.experts_parked)
             run.reader.release()
             kwargs = family.block_kwargs(hf_config, run.calib.seqlen, dev, run.dtype, i)
             faults.point(f"block{i}:search")

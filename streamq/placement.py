@@ -1,9 +1,13 @@
 """Where calibration activations live between uses: on the compute device, or in pinned host
-memory that streams to it chunk by chunk; the copies between the two."""
+memory that streams to it chunk by chunk; the copies between the two. And parked modules: a
+mixture's experts waiting in host memory, on the device only while they compute."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
 
 def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
@@ -83,3 +87,66 @@ class TokenCollector:
     def result(self) -> list[torch.Tensor]:
         out, self.samples = self.samples, []
         return out
+
+
+# Parked modules: a block's routed experts, when the plan finds that the whole block does not fit
+# the device budget, keep their weights in host memory (pinned for a GPU) and come to the device
+# one at a time, for as long as they compute (`loaded`). A parked linear's weight is the original
+# and never changes; while a scale search tries a candidate s, the linear's `candidate` turns the
+# uploaded original into the weights the candidate computes with, on the device, the same
+# function of the same bytes as for a linear that stays on the device.
+
+def park(module: nn.Module, device: torch.device) -> None:
+    """Mark `module` (whose parameters are already in host memory) as computing on `device`."""
+    for m in module.modules():
+        m.compute_device = device
+
+
+def is_parked(module: nn.Module) -> bool:
+    return getattr(module, "compute_device", None) is not None
+
+
+def parked_root(block: nn.Module, name: str) -> nn.Module | None:
+    """The outermost parked module holding `name` (or being it), if any."""
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        module = block.get_submodule(".".join(parts[:i]))
+        if is_parked(module):
+            return module
+    return None
+
+
+def compute_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: a parked module's device, else that of its first parameter that
+    is not parked."""
+    if is_parked(module):
+        return module.compute_device
+    for m in module.modules():
+        if not is_parked(m):
+            for p in m.parameters(recurse=False):
+                return p.device
+    raise ValueError(f"{type(module).__name__} has no parameter to tell its device")
+
+
+@contextmanager
+def loaded(module: nn.Module | None):
+    """While inside: a parked module's parameters are copies on its compute device (a linear's
+    weight through its `candidate`, if one is set); afterwards the host originals again, and
+    the copies are freed. A module that is not parked (or None) is left as it is."""
+    if module is None or not is_parked(module):
+        yield module
+        return
+    device = module.compute_device
+    homes = []
+    try:
+        for m in module.modules():
+            for p in m.parameters(recurse=False):
+                homes.append((p, p.data))
+                p.data = p.data.to(device, non_blocking=True, copy=True)
+            candidate = getattr(m, "candidate", None)
+            if candidate is not None:
+                m.weight.data = candidate(m.weight.data)
+        yield module
+    finally:
+        for p, home in homes:
+            p.data = home

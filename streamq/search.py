@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .placement import Assembler, upload
+from .placement import Assembler, compute_device, upload
 from .quant import dequantize, pseudo_quantize, quant_params, quantize
 
 Chunks = Sequence[torch.Tensor]
@@ -91,12 +91,18 @@ def act_scale(chunks: Chunks, device: torch.device | None = None) -> torch.Tenso
     return (torch.cat(per_sample).double().sum(dim=0) / n_tokens).to(torch.float32)
 
 
-def weight_scale(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """mean over output channels of |w| / max|w| of its group (the duo-scaling statistic)."""
-    w = torch.cat(weights, dim=0).float()
-    g = w.abs().reshape(w.shape[0], -1, group_size)
-    g = g / g.amax(dim=-1, keepdim=True).clamp(min=1e-12)
-    return g.reshape(w.shape).mean(dim=0).cpu()
+def weight_scale(weights: list[torch.Tensor], group_size: int, device: torch.device) -> torch.Tensor:
+    """mean over the output channels of all the weights of |w| / max|w| of its group (the
+    duo-scaling statistic): each weight reduced on `device` in float32, one at a time (a parked
+    expert's comes from the host alone), the sums added in float64."""
+    total, rows = None, 0
+    for w in weights:
+        w = w.to(device).float()
+        g = w.abs().reshape(w.shape[0], -1, group_size)
+        g = g / g.amax(dim=-1, keepdim=True).clamp(min=1e-12)
+        part = g.reshape(w.shape).sum(dim=0).cpu().double()
+        total, rows = (part if total is None else total + part), rows + w.shape[0]
+    return (total / rows).to(torch.float32)
 
 
 def _per_sample_sse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -128,54 +134,71 @@ def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: 
 Quantizer = Callable[[torch.Tensor, torch.Tensor, QuantConfig], torch.Tensor]
 
 
-def _set_candidate(linears: list[nn.Linear], originals: list[torch.Tensor], s: torch.Tensor | None,
-                   qcfg: QuantConfig, scaled_quantize: Quantizer) -> None:
-    """The linears' weights become Q(W*s)/s (s on their device), or the originals for None."""
-    s_dev = None if s is None else s.to(device=originals[0].device, dtype=originals[0].dtype)
+def _set_candidate(linears: list[nn.Linear], originals: list[torch.Tensor | None], s: torch.Tensor | None,
+                   qcfg: QuantConfig, scaled_quantize: Quantizer, device: torch.device) -> None:
+    """The linears compute with Q(W*s)/s (s on the compute device), or their originals for None:
+    a linear on the device gets the new weights now; a parked one (original None: its weight is
+    in host memory) gets them made on the device each time it is loaded (placement.loaded)."""
+    s_dev = None
     for lin, w in zip(linears, originals):
-        lin.weight.data = w if s_dev is None else scaled_quantize(w, s_dev, qcfg)
+        if s_dev is None and s is not None:
+            s_dev = s.to(device=device, dtype=lin.weight.dtype)
+        if w is None:
+            lin.candidate = None if s_dev is None else (lambda v, s_dev=s_dev: scaled_quantize(v, s_dev, qcfg))
+        else:
+            lin.weight.data = w if s_dev is None else scaled_quantize(w, s_dev, qcfg)
 
 
-def _sse_resident(inspect, linears, originals, x_chunks, kwargs, qcfg, grid, scaled_quantize, micro):
+def run_batches(module: nn.Module, x: torch.Tensor, kwargs: dict, micro: int | None):
+    """The module's output for each micro-batch of x: at once where the module computes many
+    batches together (a sparse MLP whose experts are parked loads each expert once), else one
+    at a time."""
+    batches = micro_batches(x, micro)
+    many = getattr(module, "forward_batches", None)
+    if many is not None and not kwargs:
+        return many(batches)
+    return (run_module(module, xm, kwargs) for xm in batches)
+
+
+def _sse_resident(inspect, linears, originals, x_chunks, kwargs, qcfg, grid, scaled_quantize, micro, device):
     """Per candidate, the per-sample squared errors, candidate by candidate: the references of
-    every chunk are computed once and kept where the chunk lives; each candidate is quantized once."""
-    device = originals[0].device
-    _set_candidate(linears, originals, None, qcfg, scaled_quantize)
+    every chunk are computed once and kept where the chunk lives; each candidate is quantized once
+    (a parked linear's: once per chunk, as it is loaded)."""
+    _set_candidate(linears, originals, None, qcfg, scaled_quantize, device)
     refs = []
     for x in x_chunks:
         ref = Assembler(x.device, x.shape[0])
-        for xm in micro_batches(upload(x, device), micro):
-            ref.add(run_module(inspect, xm, kwargs))
+        for out in run_batches(inspect, upload(x, device), kwargs, micro):
+            ref.add(out)
         refs.append(ref.result())
     out = []
     for s in grid:
-        _set_candidate(linears, originals, s, qcfg, scaled_quantize)
+        _set_candidate(linears, originals, s, qcfg, scaled_quantize, device)
         sse = []
         for x, ref in zip(x_chunks, refs):
             x, ref = upload(x, device), upload(ref, device)
-            for xm, rm in zip(micro_batches(x, micro), micro_batches(ref, micro)):
-                sse.append(_per_sample_sse(run_module(inspect, xm, kwargs), rm))
+            for y, rm in zip(run_batches(inspect, x, kwargs, micro), micro_batches(ref, micro)):
+                sse.append(_per_sample_sse(y, rm))
         out.append(torch.cat(sse))
     return out, sum(r.numel() for r in refs)
 
 
-def _sse_streamed(inspect, linears, originals, x_chunks, kwargs, qcfg, grid, scaled_quantize, micro):
+def _sse_streamed(inspect, linears, originals, x_chunks, kwargs, qcfg, grid, scaled_quantize, micro, device):
     """The same numbers, chunk by chunk: each chunk is uploaded once, its references are computed
     on the device and every candidate is evaluated on it (and quantized again for each chunk),
     instead of every chunk and its references crossing the bus once per candidate (for OPT-30B's
     fc1 at 128 x 512 tokens, 20 x 4.7 GB). No reference is stored."""
-    device = originals[0].device
     sse: list[list[torch.Tensor]] = [[] for _ in grid]
     n_elem = 0
     for x in x_chunks:
         x = upload(x, device)
-        _set_candidate(linears, originals, None, qcfg, scaled_quantize)
-        refs = [run_module(inspect, xm, kwargs) for xm in micro_batches(x, micro)]
+        _set_candidate(linears, originals, None, qcfg, scaled_quantize, device)
+        refs = list(run_batches(inspect, x, kwargs, micro))
         n_elem += sum(r.numel() for r in refs)
         for i, s in enumerate(grid):
-            _set_candidate(linears, originals, s, qcfg, scaled_quantize)
-            for xm, rm in zip(micro_batches(x, micro), refs):
-                sse[i].append(_per_sample_sse(run_module(inspect, xm, kwargs), rm))
+            _set_candidate(linears, originals, s, qcfg, scaled_quantize, device)
+            for y, rm in zip(run_batches(inspect, x, kwargs, micro), refs):
+                sse[i].append(_per_sample_sse(y, rm))
         del refs
     return [torch.cat(per_chunk) for per_chunk in sse], n_elem
 
@@ -199,17 +222,20 @@ def search_scale(
     quantized once per chunk (n_chunks x n_grid times instead of n_grid), which costs less than
     moving every chunk and its references n_grid times while chunks are few and large; with
     more, smaller chunks the transfers are cheaper. Both orders give the same per-sample
-    errors, summed in the same order, so the same bytes."""
-    device = linears[0].weight.device
-    originals = [lin.weight.data.clone() for lin in linears]
-    w_mean = weight_scale(originals, qcfg.group_size) if qcfg.duo_scaling else None
+    errors, summed in the same order, so the same bytes. Linears parked in host memory (a
+    block's experts under a tight budget) are not copied: their candidates are made as they
+    come to the device."""
+    device = compute_device(inspect)
+    originals = [None if lin.weight.device != device else lin.weight.data.clone() for lin in linears]
+    w_mean = weight_scale([lin.weight.data for lin in linears], qcfg.group_size, device) if qcfg.duo_scaling else None
     grid = scale_candidates(x_mean, w_mean, qcfg.n_grid, qcfg.alpha_one, qcfg.identity)
     on_host = any(x.device != device for x in x_chunks)
     losses_of = _sse_streamed if on_host and len(x_chunks) <= qcfg.n_grid else _sse_resident
     try:
-        sse, n_elem = losses_of(inspect, linears, originals, x_chunks, kwargs, qcfg, grid, scaled_quantize, micro)
+        sse, n_elem = losses_of(inspect, linears, originals, x_chunks, kwargs, qcfg, grid, scaled_quantize, micro,
+                                device)
     finally:
-        _set_candidate(linears, originals, None, qcfg, scaled_quantize)
+        _set_candidate(linears, originals, None, qcfg, scaled_quantize, device)
     # one copy to the host per candidate (not per micro-batch: each would stall the device)
     losses = [float(e.cpu().double().sum() / n_elem) for e in sse]
     best = min((i for i in range(len(losses)) if losses[i] == losses[i]), key=losses.__getitem__, default=None)

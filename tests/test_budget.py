@@ -14,8 +14,10 @@ from make_tiny_model import make_tiny
 from streamq.block import captured_inputs, quantize_block
 from streamq.budget import MAX_CHUNK_SAMPLES, SLACK_BYTES, BlockShape, plan_block
 from streamq.config import QuantConfig
+from streamq.errors import SettingsError
 from streamq.families import build_block, detect
 from streamq.families.base import meta_block
+from streamq.placement import is_parked
 from streamq.shards import ShardReader
 
 N_SAMPLES, SEQLEN = 8, 64
@@ -37,24 +39,60 @@ def shape_of(config, qcfg=QuantConfig()):
     return BlockShape.of(block, captured, family.scale_groups(config), qcfg.group_size, qcfg.clip_tokens)
 
 
-@pytest.mark.parametrize("name", ["opt", "llama", "llama_gqa", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name,park", [("opt", False), ("llama", False), ("llama_gqa", False), ("mixtral", False),
+                                       ("qwen2_moe", False), ("mixtral", True), ("qwen2_moe", True)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("micro", [None, 1])
-def test_measured_peak_stays_within_the_estimate(one_block_models, name, dtype, micro):
+def test_measured_peak_stays_within_the_estimate(one_block_models, name, park, dtype, micro):
     """Activations resident on the (CPU) device, as a roomy GPU budget plans them: weights,
-    inputs and everything quantize_block allocates peak below the estimate without its slack."""
+    inputs and everything quantize_block allocates peak below the estimate without its slack.
+    With the experts parked, their weights are in host memory: not counted as held, and every
+    copy of them that comes to the device is (each load is a real copy, on a CPU too)."""
     config = AutoConfig.from_pretrained(one_block_models[name])
     family, cpu, elem = detect(config), torch.device("cpu"), torch.finfo(dtype).bits // 8
-    plan = plan_block(shape_of(config), N_SAMPLES, SEQLEN, elem, budget=10**12, micro=micro)
-    assert plan.activations_on_device and plan.chunk_samples == N_SAMPLES
-    block = build_block(config, 0, ShardReader(one_block_models[name]).with_prefix(family.block_prefix(0)), cpu, dtype)
+    plan = plan_block(shape_of(config), N_SAMPLES, SEQLEN, elem, budget=10**12, micro=micro, park=park)
+    assert plan.activations_on_device and plan.chunk_samples == N_SAMPLES and plan.experts_parked == park
+    block = build_block(config, 0, ShardReader(one_block_models[name]).with_prefix(family.block_prefix(0)), cpu, dtype,
+                        park=park)
     x = torch.randn(N_SAMPLES, SEQLEN, config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
     chunks = list(x.split(4))
     kwargs = family.block_kwargs(config, SEQLEN, cpu, dtype)
-    held = sum(p.numel() for p in block.parameters()) * elem + x.numel() * elem
+    on_device = [p for m in block.modules() if not is_parked(m) for p in m.parameters(recurse=False)]
+    assert len(on_device) < len(list(block.parameters())) if park else len(on_device) == len(list(block.parameters()))
+    held = sum(p.numel() for p in on_device) * elem + x.numel() * elem
     measured = held + peak_allocated_during(
         lambda: quantize_block(block, family, config, chunks, kwargs, QuantConfig(), cpu, micro=micro))
     assert measured <= plan.estimated_peak_bytes - SLACK_BYTES, (measured, plan)
+
+
+def test_parked_experts_compute_the_same_bytes(one_block_models):
+    """The sparse MLP with parked experts (each loaded once for all the forward passes of a chunk
+    during the search, once per pass elsewhere) gives the records and tensors of the same block
+    with every expert on the device; and parking is what a budget too small for the whole block
+    but large enough for one expert at a time plans."""
+    config = AutoConfig.from_pretrained(one_block_models["qwen2_moe"])
+    family, cpu = detect(config), torch.device("cpu")
+    x = torch.randn(N_SAMPLES, SEQLEN, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    kwargs = family.block_kwargs(config, SEQLEN, cpu, torch.float32)
+    results = []
+    for park in (False, True):
+        block = build_block(config, 0, ShardReader(one_block_models["qwen2_moe"]).with_prefix(family.block_prefix(0)),
+                            cpu, torch.float32, park=park)
+        batches = list(x[:3])
+        assert all(torch.equal(a, block.mlp(b)) for a, b in zip(block.mlp.forward_batches(batches), batches))
+        results.append(quantize_block(block, family, config, list(x.split(4)), kwargs, QuantConfig(), cpu, micro=1))
+    (whole, parked) = results
+    assert len(whole[0].scales) == len(parked[0].scales) and len(whole[0].clips) == len(parked[0].clips)
+    assert all(torch.equal(a.scales, b.scales) for a, b in zip(whole[0].scales, parked[0].scales))
+    assert all(torch.equal(a.max_val, b.max_val) for a, b in zip(whole[0].clips, parked[0].clips))
+    assert whole[1].keys() == parked[1].keys() and all(torch.equal(whole[1][k], parked[1][k]) for k in whole[1])
+    assert all(torch.equal(a, b) for a, b in zip(whole[2], parked[2]))
+    shape = shape_of(config)
+    fits_parked = plan_block(shape, N_SAMPLES, SEQLEN, 4, budget=None, park=True).minimum_bytes
+    assert plan_block(shape, N_SAMPLES, SEQLEN, 4, budget=fits_parked).experts_parked
+    assert not plan_block(shape, N_SAMPLES, SEQLEN, 4, budget=10**12).experts_parked
+    with pytest.raises(SettingsError, match="one expert of"):
+        plan_block(shape, N_SAMPLES, SEQLEN, 4, budget=fits_parked - 1)
 
 
 def test_references_are_as_wide_as_the_inspected_output(one_block_models):

@@ -1,6 +1,7 @@
 """Mixtures of experts (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE), on tiny random
 models of 4 experts, top-2: streamed perplexity equals transformers', the output equals the
-unstreamed reference byte for byte at any budget, the routers stay unquantized and absorb the
+unstreamed reference byte for byte at any budget (the smallest parks the experts in host
+memory, one at a time on the device), the routers stay unquantized and absorb the
 norm's scales, an expert without calibration tokens is quantized round-to-nearest, resume after
 SIGKILL is byte-identical."""
 
@@ -69,7 +70,8 @@ def test_moe_streams_what_transformers_computes(moe_models, eval_text, tmp_path,
                                          ("qwen2_moe", "awq+gptq")])
 def test_moe_streamed_equals_reference(moe_models, tmp_path, name, method):
     """Experts' inputs are kept per calibration sample, so chunking (the reference's 4 samples,
-    the engine's whole set or one sample under the smallest budget) never changes a byte."""
+    the engine's whole set or one sample under the smallest budget) never changes a byte; nor
+    does parking the experts in host memory, one at a time on the device (the smallest budget)."""
     path = moe_models[name]
     qcfg = QuantConfig(gptq=method == "awq+gptq", next_input="quantized" if method == "awq+gptq" else "fp16")
     reference.quantize(path, tmp_path / "ref", qcfg, CALIB, chunk_samples=4, device="cpu")
@@ -79,6 +81,7 @@ def test_moe_streamed_equals_reference(moe_models, tmp_path, name, method):
         out = tmp_path / f"s{budget}"
         summary = engine.quantize(path, out, qcfg, CALIB, device="cpu", max_gpu_mem=budget)
         assert checkpoint_bytes(out) == expected
+        assert summary.plan.experts_parked == (budget is not None)  # the smallest budget parks the experts
     routed = summary.blocks[0]["experts"]["tokens"]
     assert sum(routed.values()) == 2 * 2 * CALIB.n_samples * CALIB.seqlen  # top-2, gate/up and down inputs
 

@@ -197,14 +197,15 @@ def test_chunk_by_chunk_and_candidate_by_candidate_orders_give_identical_losses(
     feats, _ = capture(block, s.x_chunks, s.kwargs, {"fc1"})
     chunks = rechunk(feats["fc1"], 3)
     originals = [block.fc1.weight.data.clone()]
-    grid = search.scale_candidates(act_scale(chunks), search.weight_scale(originals, 128) if duo else None, 20)
+    w_mean = search.weight_scale(originals, 128, torch.device("cpu")) if duo else None
+    grid = search.scale_candidates(act_scale(chunks), w_mean, 20)
     args = (block.fc1, [block.fc1], originals, chunks, {}, qcfg, grid, search.scaled_pseudo_quantize)
     with torch.no_grad():
         for micro in (None, 1):
             block.fc1.weight.data = originals[0]  # each order leaves its last candidate in place
-            resident, n1 = search._sse_resident(*args, micro)
+            resident, n1 = search._sse_resident(*args, micro, torch.device("cpu"))
             block.fc1.weight.data = originals[0]
-            streamed, n2 = search._sse_streamed(*args, micro)
+            streamed, n2 = search._sse_streamed(*args, micro, torch.device("cpu"))
             assert n1 == n2 and all(torch.equal(a, b) for a, b in zip(resident, streamed))
     block.fc1.weight.data = originals[0]
     best, losses = search_scale(block.fc1, [block.fc1], chunks, act_scale(chunks), {}, qcfg)

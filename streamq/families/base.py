@@ -10,6 +10,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import placement
+
 
 @dataclass(frozen=True)
 class ScaleGroup:
@@ -155,9 +157,12 @@ def build_block(
     state: dict[str, torch.Tensor],
     device: torch.device,
     dtype: torch.dtype,
+    park: bool = False,
 ) -> nn.Module:
     """One decoder block, built on the meta device and filled from `state` (names relative
-    to the block), so no memory is spent on the randomly initialised weights.
+    to the block), so no memory is spent on the randomly initialised weights. With `park`, the
+    modules that may be parked (a mixture's routed experts: `parkable`) are filled in host memory
+    (pinned for a GPU) and come to the device only while they compute (placement.loaded).
 
     Blocks run with SDPA attention (eager where the family needs it: Gemma 2's soft-capped
     attention logits), with the mask of causal_mask: calibration samples are unpadded."""
@@ -167,7 +172,15 @@ def build_block(
     missing = expected - set(state)
     if missing:
         raise KeyError(f"block {index} lacks tensors {sorted(missing)}")
-    block.load_state_dict(
-        {k: state[k].to(device=device, dtype=dtype) for k in expected}, assign=True, strict=True
-    )
+    parked = [n for n, m in block.named_modules() if park and getattr(m, "parkable", False)]
+
+    def place(key: str) -> torch.Tensor:
+        if not any(key.startswith(f"{n}.") for n in parked):
+            return state[key].to(device=device, dtype=dtype)
+        t = state[key]
+        return placement.host_buffer(tuple(t.shape), dtype, pinned=device.type == "cuda").copy_(t)
+
+    block.load_state_dict({k: place(k) for k in expected}, assign=True, strict=True)
+    for name in parked:
+        placement.park(block.get_submodule(name), device)
     return block.eval()

@@ -26,6 +26,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..errors import UnsupportedModelError
+from ..placement import is_parked, loaded
 from .base import BLOCK_BUILDERS, LAYER_ADAPTERS, Family, ScaleGroup, modeling_class
 from .llama import LLAMA, gqa
 
@@ -70,6 +71,7 @@ class Expert(nn.Module):
                 lin.routed_fraction = routed_fraction
             self.add_module(name, lin)
         self.act_fn = ACT2FN[act]
+        self.parkable = routed_fraction is not None  # a routed expert may wait in host memory
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
@@ -92,9 +94,10 @@ class SparseMoe(nn.Module):
                                         config.shared_expert_intermediate_size, config.hidden_act, None)
             self.shared_expert_gate = Router(1, hidden)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        b, t, h = hidden_states.shape
-        x = hidden_states.reshape(-1, h)
+    def _route(self, hidden_states: torch.Tensor):
+        """The tokens [n, h], and per hit expert (in expert order) the tokens it gets (ascending)
+        with the weight each gets from it."""
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.gate(x)
         probs = F.softmax(logits, dim=-1, dtype=torch.float)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
@@ -102,22 +105,52 @@ class SparseMoe(nn.Module):
             weights /= weights.sum(dim=-1, keepdim=True)
         if self.scores_in_compute_dtype:
             weights = weights.to(logits.dtype)
-        out = torch.zeros_like(x)
         hit = F.one_hot(chosen, num_classes=len(self.experts)).permute(2, 1, 0)  # [expert, k, token]
+        routes = {}
         for e in torch.greater(hit.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist():
             pos, tokens = torch.where(hit[e])
             tokens, order = tokens.sort()  # token order (each token comes once per expert)
-            pos = pos[order]
-            expert = self.experts[e]
-            expert.routed_tokens = tokens  # read by the capture of its inputs (block.capture)
-            try:
-                y = expert(x[tokens]) * weights[tokens, pos, None]
-            finally:
-                del expert.routed_tokens
-            out.index_add_(0, tokens, y.to(out.dtype))
+            routes[e] = (tokens, weights[tokens, pos[order], None])
+        return x, routes
+
+    def _add_expert(self, out: torch.Tensor, x: torch.Tensor, e: int, tokens: torch.Tensor,
+                    weight: torch.Tensor) -> None:
+        expert = self.experts[e]
+        expert.routed_tokens = tokens  # read by the capture of its inputs (block.capture)
+        try:
+            y = expert(x[tokens]) * weight
+        finally:
+            del expert.routed_tokens
+        out.index_add_(0, tokens, y.to(out.dtype))
+
+    def _finish(self, out: torch.Tensor, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out.reshape(b, t, h)
+        return out.reshape(shape)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x, routes = self._route(hidden_states)
+        out = torch.zeros_like(x)
+        for e, (tokens, weight) in routes.items():
+            with loaded(self.experts[e]):  # a parked expert comes to the device for its tokens
+                self._add_expert(out, x, e, tokens, weight)
+        return self._finish(out, x, hidden_states.shape)
+
+    def forward_batches(self, batches: list[torch.Tensor]):
+        """forward of each batch, byte for byte (each output receives the same experts' results
+        in the same order), with every parked expert brought to the device once for all the
+        batches instead of once per batch. Holds every batch's output at once."""
+        if not any(is_parked(expert) for expert in self.experts):
+            return (self(xb) for xb in batches)  # one at a time, as run_module
+        routed = [self._route(xb) for xb in batches]
+        outs = [torch.zeros_like(x) for x, _ in routed]
+        for e, expert in enumerate(self.experts):
+            users = [(out, x, routes[e]) for out, (x, routes) in zip(outs, routed) if e in routes]
+            if users:
+                with loaded(expert):
+                    for out, x, (tokens, weight) in users:
+                        self._add_expert(out, x, e, tokens, weight)
+        return [self._finish(out, x, xb.shape) for out, (x, _), xb in zip(outs, routed, batches)]
 
 
 def sparse_layers(config: Any) -> bool:
