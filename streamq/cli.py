@@ -12,7 +12,7 @@ import typer
 
 from .config import CalibConfig, QuantConfig, parse_size
 from .config import recipe as recipe_settings
-from .errors import SettingsError, StreamqError
+from .errors import InterruptedRun, SettingsError, StreamqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Layer-streaming AWQ quantization of Hugging Face causal language models.")
@@ -41,9 +41,29 @@ class Mode(str, Enum):
     keep1 = "keep1"
 
 
-def fail(exc: StreamqError) -> None:
-    typer.echo(f"streamq: error: {exc}", err=True)
+def fail(exc: StreamqError, output: Path | None = None) -> None:
+    """One line and exit status 2. Under torchrun the line names the rank, and the other ranks
+    (which see only a closed connection) find the cause in OUTPUT/.streamq/failed."""
+    from . import parallel
+
+    world = parallel.from_env()
+    if isinstance(exc, parallel.RankFailed):
+        if exc.echo:
+            typer.echo(f"streamq: error: {exc}", err=True)
+        raise typer.Exit(code=2)
+    message = f"rank {world.rank}: {exc}" if world else str(exc)
+    if world and output is not None and not isinstance(exc, InterruptedRun):  # a stop is no cause
+        parallel.record_failure(output, world, str(exc))
+    typer.echo(f"streamq: error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+def first_process() -> bool:
+    """Not under torchrun, or its rank 0 (which prints the run's summary)."""
+    from . import parallel
+
+    world = parallel.from_env()
+    return world is None or world.first
 
 
 @app.callback()
@@ -144,10 +164,11 @@ def run(
                                       on_block=on_block, kernels=kernels, compute=compute_dtype,
                                       format=out_format.value)
     except StreamqError as exc:
-        fail(exc)
+        fail(exc, output)
     except KeyboardInterrupt:
         interrupted(output)
-    print_summary(summary, output)
+    if first_process():
+        print_summary(summary, output)
 
 
 @app.command()
@@ -200,11 +221,12 @@ def resume(
                                     max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
                                     on_block=on_block, kernels=kernels, compute=compute_dtype)
     except StreamqError as exc:
-        fail(exc)
+        fail(exc, output)
     except KeyboardInterrupt:
         interrupted(output)
-    typer.echo(f"resumed after block {summary.resumed_from}")
-    print_summary(summary, output)
+    if first_process():
+        typer.echo(f"resumed with {summary.resumed_from} of {len(summary.blocks)} blocks already done")
+        print_summary(summary, output)
 
 
 @app.command()
@@ -326,7 +348,9 @@ def progress(desc: str = "quantizing") -> Iterator:
 
 
 def interrupted(output: Path) -> None:
-    typer.echo(f"streamq: error: interrupted; the run stays resumable: streamq resume {output}", err=True)
+    from .journal import resume_command
+
+    typer.echo(f"streamq: error: interrupted; the run stays resumable: {resume_command(output)}", err=True)
     raise typer.Exit(code=130)
 
 

@@ -16,16 +16,17 @@ from typing import Any, Callable
 import torch
 
 from . import faults
-from .block import captured_inputs, check_shapes, check_storable, quantize_block
+from .block import capture, captured_inputs, check_shapes, check_storable, quantize_block
 from .budget import BlockShape, Plan, forward_samples, plan_block
 from .calib import calibration_blocks, tokens_digest
 from .checkpoint import check_non_block_tensors, write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
-from .errors import InterruptedRun, ResumeError
+from .errors import InterruptedRun, ResumeError, SettingsError
 from .families import Family, build_block, detect
 from .families.base import meta_block
 from .formats import Format, by_name, settle
-from .journal import Journal
+from . import parallel
+from .journal import Journal, parallel_world, resume_command
 from .kernels import Ops
 from .kernels import select as select_kernels
 from .memory import peak_device, peak_reserved, peak_rss, reset_peaks
@@ -142,36 +143,54 @@ def quantize(
 ) -> Summary:
     """Quantize model_dir into out_dir, streaming one block at a time; `kernels` (auto, torch,
     cuda) picks what runs the search's hot loops, `compute` the compute dtype (auto, float16,
-    bfloat16, float32), `format` the output format (awq, compressed-tensors)."""
+    bfloat16, float32), `format` the output format (awq, compressed-tensors). Under torchrun
+    with several processes, each quantizes its own range of blocks (streamq.parallel)."""
     start = time.time()
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
     fmt = by_name(format)
-    check_output_dir(out_dir, overwrite)
-    run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes, kernels, compute, fmt)
-    ids = _calibration_ids(run)
-    prepare_output_dir(out_dir, overwrite)
+    world = parallel.from_env()
+    comm = _join(world, out_dir, device)
+
+    def setup() -> tuple[Run, torch.Tensor, list | None]:
+        if world and qcfg.next_input == "quantized":
+            raise SettingsError("several processes quantize blocks at the same time, so each block is calibrated "
+                                "on the unquantized model's activations: --next-input quantized (the default of "
+                                "--method gptq and awq+gptq) chains the blocks; pass --next-input fp16")
+        check_output_dir(out_dir, overwrite)
+        run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes, kernels, compute, fmt)
+        ranges = parallel.split_blocks(run.family.n_layers(run.hf_config), world.size) if world else None
+        return run, _calibration_ids(run), ranges
+
+    run, ids, ranges = comm.agree(setup) if comm else setup()
+    if not world or world.first:
+        prepare_output_dir(out_dir, overwrite)
     settings = {"model_dir": str(model_dir), "quant": run.qcfg.to_json(), "format": fmt.name, "calib": calib.to_json(),
                 "shard_bytes": shard_bytes, "fingerprint": run.reader.fingerprint(),
                 "tokens_sha256": tokens_digest(ids), "compute_dtype": str(run.dtype), "compute_dtype_requested": compute,
                 "forward_samples": run.plan.forward_samples, "kernels": run.ops.name}
-    journal = Journal.start(out_dir, settings, run.family.n_layers(run.hf_config))
-    x_chunks = _first_block_inputs(run, ids)
-    return _blocks(run, journal, ShardWriter(out_dir, shard_bytes, keep_spools=True), x_chunks, 0, start, on_block)
+    n_layers = run.family.n_layers(run.hf_config)
+    if not world:
+        journal = Journal.start(out_dir, settings, n_layers)
+        x_chunks = _first_block_inputs(run, ids)
+        return _blocks(run, journal, journal.new_writer(shard_bytes), x_chunks, 0, start, on_block)
+    comm.barrier()  # the output directory is there, empty
+    settings.update(world_size=world.size, rank=world.rank, ranges=ranges)
+    journal = Journal.start(out_dir, settings, n_layers, world.rank, first=ranges[world.rank][0])
+    x_chunks = _first_block_inputs(run, ids) if world.first else None
+    return _parallel_blocks(run, comm, journal, journal.new_writer(shard_bytes), x_chunks, start)
 
 
-@torch.no_grad()
-def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = None,
-           on_block: OnBlock | None = None, kernels: str = "auto", compute: str | None = None) -> Summary:
-    """Continue an interrupted run from its journal; settings come from the journal, the
-    compute dtype too (as it was asked for: `auto` resolves again on this device) unless
-    `compute` overrides it."""
-    start = time.time()
-    out_dir = Path(out_dir)
-    journal = Journal.open(out_dir)
-    state = journal.state
-    if state["complete"]:
-        raise ResumeError(f"{out_dir} is already complete ({state['n_layers']} of {state['n_layers']} blocks); "
-                          "nothing to resume")
+def _join(world: parallel.World | None, out_dir: Path, device: str) -> parallel.Comm | None:
+    if world is None:
+        return None
+    parallel.start(resolve_device(device))
+    return parallel.Comm(world, out_dir)
+
+
+def _reopen(journal: Journal, device: str, max_gpu_mem: int | None, kernels: str, compute: str | None,
+            warn: bool = True) -> Run:
+    """The run a journal describes, checked against the source model as it is now."""
+    state, out_dir = journal.state, journal.out_dir
     settings = state["settings"]
     model_dir = Path(settings["model_dir"])
     if not model_dir.is_dir():
@@ -183,30 +202,157 @@ def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = 
     if run.reader.fingerprint() != settings["fingerprint"]:
         raise ResumeError(f"the source model {model_dir} changed since the run started "
                           "(shard headers or sizes differ); start over with --overwrite")
-    if str(run.dtype) != settings["compute_dtype"]:
+    if warn and str(run.dtype) != settings["compute_dtype"]:
         print(f"streamq: warning: the run started computing in {settings['compute_dtype']} and continues in "
               f"{run.dtype}; the output will not be byte-identical to an uninterrupted run", file=sys.stderr)
-    if run.plan.forward_samples != settings.get("forward_samples"):
+    if warn and run.plan.forward_samples != settings.get("forward_samples"):
         was, now = (f"{n} sample(s)" if n else "whole chunks" for n in (settings.get("forward_samples"),
                                                                        run.plan.forward_samples))
         print(f"streamq: warning: the run started with forward passes of {was} and continues with {now}; the "
               "output may differ in the last bits from an uninterrupted run", file=sys.stderr)
-    if run.ops.name != settings.get("kernels", "torch"):
+    if warn and run.ops.name != settings.get("kernels", "torch"):
         print(f"streamq: warning: the run started with kernels {settings.get('kernels', 'torch')} and continues "
               f"with {run.ops.name}; clip choices may differ at near-ties", file=sys.stderr)
+    return run
+
+
+def _saved_inputs(run: Run, journal: Journal) -> list[torch.Tensor]:
+    """The journal's inputs of the next block, chunked and placed as the plan says."""
+    hidden = journal.load_hidden().to(run.dtype)
+    pin = run.device.type == "cuda" and run.store.type == "cpu"
+    return [c.pin_memory() if pin else to_store(c, run.store) for c in hidden.split(run.plan.chunk_samples)]
+
+
+@torch.no_grad()
+def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = None,
+           on_block: OnBlock | None = None, kernels: str = "auto", compute: str | None = None) -> Summary:
+    """Continue an interrupted run from its journal; settings come from the journal, the
+    compute dtype too (as it was asked for: `auto` resolves again on this device) unless
+    `compute` overrides it. A block-parallel run resumes under torchrun with as many processes
+    as it started with, each from its own journal."""
+    start = time.time()
+    out_dir = Path(out_dir)
+    world = parallel.from_env()
+    started = parallel_world(out_dir)
+    if world is None and started is not None:
+        raise ResumeError(f"{out_dir} was started by {started} processes; continue it with: "
+                          f"{resume_command(out_dir)}")
+    if world is not None:
+        return _parallel_resume(world, out_dir, device, max_gpu_mem, kernels, compute, start)
+    journal = Journal.open(out_dir)
+    state = journal.state
+    if state["complete"]:
+        raise ResumeError(f"{out_dir} is already complete ({state['n_layers']} of {state['n_layers']} blocks); "
+                          "nothing to resume")
+    run = _reopen(journal, device, max_gpu_mem, kernels, compute)
     journal.verify_and_clean()
     done = state["done_blocks"]
-    if done == 0:
-        x_chunks = _first_block_inputs(run, _calibration_ids(run))
-    else:
-        hidden = journal.load_hidden().to(run.dtype)
-        pin = run.device.type == "cuda" and run.store.type == "cpu"
-        x_chunks = [c.pin_memory() if pin else to_store(c, run.store) for c in hidden.split(run.plan.chunk_samples)]
-        del hidden
-    writer = journal.load_writer(settings["shard_bytes"])
+    x_chunks = _first_block_inputs(run, _calibration_ids(run)) if done == 0 else _saved_inputs(run, journal)
+    writer = journal.load_writer(state["settings"]["shard_bytes"])
     summary = _blocks(run, journal, writer, x_chunks, done, start, on_block)
     summary.resumed_from = done
     return summary
+
+
+def _parallel_resume(world: parallel.World, out_dir: Path, device: str, max_gpu_mem: int | None, kernels: str,
+                     compute: str | None, start: float) -> Summary:
+    comm = _join(world, out_dir, device)
+
+    def setup() -> tuple[Run, Journal]:
+        started = parallel_world(out_dir)
+        if started is None:
+            Journal.open(out_dir)  # says what the directory lacks, if it is no run at all
+            raise ResumeError(f"{out_dir} was started by one process; continue it with: streamq resume {out_dir}")
+        if started != world.size:
+            raise ResumeError(f"{out_dir} was started by {started} processes, not {world.size}; continue it with: "
+                              f"{resume_command(out_dir)}")
+        first = Journal.open(out_dir, 0).state
+        if first["complete"]:
+            raise ResumeError(f"{out_dir} is already complete ({first['n_layers']} of {first['n_layers']} blocks); "
+                              "nothing to resume")
+        journal = Journal.open(out_dir, world.rank)
+        run = _reopen(journal, device, max_gpu_mem, kernels, compute, warn=world.first)
+        journal.verify_and_clean()
+        return run, journal
+
+    run, journal = comm.agree(setup)
+    if world.first:
+        parallel.failure_note(out_dir).unlink(missing_ok=True)
+    done = journal.state["done_blocks"]
+    if journal.state["hidden"]:
+        x_chunks = _saved_inputs(run, journal)
+    else:  # nothing done and no input received yet: rank 0 embeds, the others wait for theirs
+        x_chunks = _first_block_inputs(run, _calibration_ids(run)) if world.first else None
+    writer = journal.load_writer(journal.state["settings"]["shard_bytes"])
+    first = journal.state["settings"]["ranges"][world.rank][0]
+    return _parallel_blocks(run, comm, journal, writer, x_chunks, start, resumed=done - first)
+
+
+def _forward(run: Run, x_chunks: list[torch.Tensor], first: int, stop: int) -> list[torch.Tensor]:
+    """The unquantized blocks [first, stop) applied to x_chunks: forward passes only, one block
+    on the device at a time, computed as quantize_block computes the next block's inputs."""
+    for i in range(first, stop):
+        block, kwargs = _build(run, i)
+        x_chunks = capture(block, x_chunks, kwargs, set(), run.store, run.plan.forward_samples)[1]
+        del block
+    return x_chunks
+
+
+def _parallel_blocks(run: Run, comm: parallel.Comm, journal: Journal, writer: ShardWriter,
+                     x_chunks: list[torch.Tensor] | None, start: float, resumed: int = 0) -> Summary:
+    """One process's part of a block-parallel run: get the inputs of its first block (rank 0
+    has them, the others receive them from the rank before), run the forward pass through its
+    blocks and hand the output to the next rank (if that one still needs it), quantize its blocks,
+    then rank 0 writes what belongs to the whole model (non-block tensors, the index, metadata)."""
+    world = comm.world
+    ranges = journal.state["settings"]["ranges"]
+    a, b = ranges[world.rank]
+    done = journal.state["done_blocks"]
+
+    def say(message: str) -> None:
+        print(f"streamq: rank {world.rank}: {message}", file=sys.stderr, flush=True)
+
+    if world.first:
+        print(f"streamq: {world.size} processes, blocks {' '.join(f'{x}-{y - 1}' for x, y in ranges)}; "
+              f"{run.kernels_note}; computing in {dtype_name(run.dtype)}", file=sys.stderr)
+    needs = comm.all_gather(x_chunks is None)
+    t0 = time.time()
+    if x_chunks is None:
+        hidden = comm.recv(3, run.dtype, world.rank - 1)
+        x_chunks = [to_store(c, run.store) for c in hidden.split(run.plan.chunk_samples)]
+        del hidden
+        journal.save_input(x_chunks)
+        say(f"received the inputs of block {a} after {time.time() - t0:.1f} s")
+    t1 = time.time()
+    if not world.last and needs[world.rank + 1]:
+        out = _forward(run, x_chunks, done, b)
+        comm.send(torch.cat([c.cpu() for c in out]), world.rank + 1)
+        del out
+        say(f"forward pass of blocks {done}-{b - 1} handed to rank {world.rank + 1} in {time.time() - t1:.1f} s")
+    waited, forwarded = t1 - t0, time.time() - t1
+    summary = _loop(run, journal, writer, x_chunks, done, b, None, say)
+    del x_chunks
+    writer.flush()
+    journal.record_writer(writer)
+    gpu = [s["peak_gpu_bytes"] for s in summary.blocks if s.get("peak_gpu_bytes") is not None]
+    mine = {"rank": world.rank, "blocks": [a, b], "wait_seconds": round(waited, 3),
+            "forward_seconds": round(forwarded, 3), "seconds": round(time.time() - start, 3),
+            "peak_rss_bytes": peak_rss(), "peak_gpu_bytes": max(gpu) if gpu else None,
+            "weight_map": writer.weight_map, "total_bytes": writer.total_bytes, "stats": summary.blocks,
+            "resumed": resumed}
+    everyone = comm.all_gather(mine)
+    summary.resumed_from = sum(e.pop("resumed") for e in everyone)  # blocks done before this run, all ranks
+    summary.blocks = sorted((s for e in everyone for s in e["stats"]), key=lambda s: s["block"])
+    if world.first:
+        write_non_block_tensors(run.reader, run.family, writer, run.qcfg.storage_torch_dtype)
+        writer.finish([(e["weight_map"], e["total_bytes"]) for e in everyone[1:]])
+        ranks = [{k: v for k, v in e.items() if k not in ("weight_map", "stats")} for e in everyone]
+        _write_metadata(run, journal, summary.blocks, {"world_size": world.size, "ranks": ranks})
+        journal.complete()
+    comm.barrier()  # the index is written: the run is complete
+    if not world.first:
+        journal.complete()
+    return _totals(run, summary, start)
 
 
 class _Stop:
@@ -237,22 +383,55 @@ def _stoppable():
 
 def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torch.Tensor], first: int,
             start: float, on_block: OnBlock | None) -> Summary:
+    summary = _loop(run, journal, writer, x_chunks, first, run.family.n_layers(run.hf_config), on_block)
+    write_non_block_tensors(run.reader, run.family, writer, run.qcfg.storage_torch_dtype)
+    writer.finish()
+    _write_metadata(run, journal, summary.blocks)
+    journal.complete()
+    return _totals(run, summary, start)
+
+
+def _write_metadata(run: Run, journal: Journal, blocks: list[dict], extra: dict | None = None) -> None:
+    settings = journal.state["settings"]
+    write_metadata(run.out_dir, run.model_dir, run.family, run.hf_config, run.qcfg, run.calib,
+                   settings["tokens_sha256"], settings["fingerprint"], run.fmt,
+                   extra={"engine": "stream", "device": str(run.device), "kernels": run.ops.name,
+                          "compute_dtype": dtype_name(run.dtype), "max_gpu_mem": run.max_gpu_mem,
+                          "plan": run.plan.to_json(), **(extra or {}), "blocks": blocks})
+
+
+def _totals(run: Run, summary: Summary, start: float) -> Summary:
+    summary.seconds = time.time() - start
+    summary.input_bytes = sum(p.stat().st_size for p in run.reader.shards())
+    summary.output_bytes = sum(p.stat().st_size for p in run.out_dir.glob("model-*.safetensors"))
+    return summary
+
+
+def _build(run: Run, i: int):
+    block = build_block(run.hf_config, i, run.reader.with_prefix(run.family.block_prefix(i)), run.device, run.dtype,
+                        run.plan.experts_parked)
+    run.reader.release()
+    return block, run.family.block_kwargs(run.hf_config, run.calib.seqlen, run.device, run.dtype, i)
+
+
+def _loop(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torch.Tensor], first: int, stop: int,
+          on_block: OnBlock | None, say: Callable[[str], None] | None = None) -> Summary:
+    """Quantize blocks [first, stop), each committed to the journal as it finishes."""
     family, hf_config, dev = run.family, run.hf_config, run.device
     n_layers = family.n_layers(hf_config)
     summary = Summary(run.plan, run.qcfg, blocks=list(journal.state["blocks"]))
-    print(f"streamq: {run.kernels_note}; computing in {dtype_name(run.dtype)}", file=sys.stderr)
-    for reason in family.skipped_groups(hf_config):
-        print(f"streamq: note: scale group skipped (cannot be folded exactly): {reason}", file=sys.stderr)
+    if say is None:
+        print(f"streamq: {run.kernels_note}; computing in {dtype_name(run.dtype)}", file=sys.stderr)
+        for reason in family.skipped_groups(hf_config):
+            print(f"streamq: note: scale group skipped (cannot be folded exactly): {reason}", file=sys.stderr)
     if on_block:
         on_block(first, n_layers)
-    with _stoppable() as stop:
-        for i in range(first, n_layers):
+    with _stoppable() as stop_signal:
+        for i in range(first, stop):
             t0 = time.time()
             reset_peaks(dev)
             prefix = family.block_prefix(i)
-            block = build_block(hf_config, i, run.reader.with_prefix(prefix), dev, run.dtype, run.plan.experts_parked)
-            run.reader.release()
-            kwargs = family.block_kwargs(hf_config, run.calib.seqlen, dev, run.dtype, i)
+            block, kwargs = _build(run, i)
             faults.point(f"block{i}:search")
             records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, run.qcfg,
                                                         run.store, run.ops, run.plan.forward_samples, run.fmt,
@@ -273,20 +452,11 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
             summary.blocks.append(stats)
             if on_block:
                 on_block(i + 1, n_layers)
-            if stop.signum is not None and i + 1 < n_layers:
-                raise InterruptedRun(f"stopped by {signal.Signals(stop.signum).name} after block {i + 1} of "
-                                     f"{n_layers}; continue with: streamq resume {run.out_dir}")
-    del x_chunks
-    write_non_block_tensors(run.reader, family, writer, run.qcfg.storage_torch_dtype)
-    writer.finish()
-    settings = journal.state["settings"]
-    write_metadata(run.out_dir, run.model_dir, family, hf_config, run.qcfg, run.calib, settings["tokens_sha256"],
-                   settings["fingerprint"], run.fmt, extra={"engine": "stream", "device": str(dev), "kernels": run.ops.name,
-                                                   "compute_dtype": dtype_name(run.dtype),
-                                                   "max_gpu_mem": run.max_gpu_mem, "plan": run.plan.to_json(),
-                                                   "blocks": summary.blocks})
-    journal.complete()
-    summary.seconds = time.time() - start
-    summary.input_bytes = sum(p.stat().st_size for p in run.reader.shards())
-    summary.output_bytes = sum(p.stat().st_size for p in run.out_dir.glob("model-*.safetensors"))
+            if say:
+                say(f"block {i} quantized in {stats['seconds']:.1f} s ({i + 1 - first} of {stop - first} this run)")
+            if stop_signal.signum is not None and i + 1 < stop:
+                name = signal.Signals(stop_signal.signum).name
+                why = " (torchrun stops every process when one fails; its report names that one)" if say else ""
+                raise InterruptedRun(f"stopped by {name} after block {i + 1} of {n_layers}{why}; continue with: "
+                                     f"{resume_command(run.out_dir)}")
     return summary

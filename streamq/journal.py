@@ -26,8 +26,37 @@ JOURNAL_NAME = "journal.json"
 FORMAT = 1
 
 
-def journal_path(out_dir: Path) -> Path:
-    return Path(out_dir) / JOURNAL_DIR / JOURNAL_NAME
+def journal_dir(out_dir: Path, rank: int | None = None) -> Path:
+    """A one-process run keeps its journal in OUTPUT/.streamq; each process of a block-parallel
+    run (streamq.parallel) its own in OUTPUT/.streamq/rank-R."""
+    base = Path(out_dir) / JOURNAL_DIR
+    return base if rank is None else base / f"rank-{rank}"
+
+
+def journal_path(out_dir: Path, rank: int | None = None) -> Path:
+    return journal_dir(out_dir, rank) / JOURNAL_NAME
+
+
+def shard_stem(rank: int | None) -> str:
+    """The output shards' names: model-00001.safetensors, or per process model-rank1-00001...."""
+    return "model" if rank is None else f"model-rank{rank}"
+
+
+def parallel_world(out_dir: Path) -> int | None:
+    """The number of processes a block-parallel run in out_dir was started with; None for a
+    one-process run (or no run)."""
+    path = journal_path(out_dir, 0)
+    if not path.is_file():
+        return None
+    return int(read(out_dir, 0)["settings"]["world_size"])
+
+
+def resume_command(out_dir: Path) -> str:
+    """How to continue an interrupted run in out_dir."""
+    world = parallel_world(out_dir)
+    if world is None:
+        return f"streamq resume {out_dir}"
+    return f"torchrun --nproc-per-node {world} -m streamq resume {out_dir}"
 
 
 @dataclass
@@ -40,16 +69,21 @@ class Status:
 
 
 def status(out_dir: Path) -> Status | None:
-    """None when out_dir holds no streamq journal."""
-    path = journal_path(out_dir)
-    if not path.is_file():
+    """None when out_dir holds no streamq journal. A block-parallel run is complete when its
+    rank 0 has written the index; its blocks done are summed over the processes' journals."""
+    world = parallel_world(out_dir)
+    if world is not None:
+        states = [read(out_dir, r) for r in range(world) if journal_path(out_dir, r).is_file()]
+        done = sum(st["done_blocks"] - st["settings"]["ranges"][st["settings"]["rank"]][0] for st in states)
+        return Status(states[0]["complete"], done, states[0]["n_layers"])
+    if not journal_path(out_dir).is_file():
         return None
     state = read(out_dir)
     return Status(state["complete"], state["done_blocks"], state["n_layers"])
 
 
-def read(out_dir: Path) -> dict:
-    path = journal_path(out_dir)
+def read(out_dir: Path, rank: int | None = None) -> dict:
+    path = journal_path(out_dir, rank)
     try:
         state = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -60,24 +94,39 @@ def read(out_dir: Path) -> dict:
 
 
 class Journal:
-    def __init__(self, out_dir: Path, state: dict):
+    """The journal of a one-process run (rank None) or of one process of a block-parallel run,
+    which owns the blocks from the `done_blocks` it starts with and the shards of its stem."""
+
+    def __init__(self, out_dir: Path, state: dict, rank: int | None = None):
         self.out_dir = Path(out_dir)
-        self.dir = self.out_dir / JOURNAL_DIR
+        self.rank = rank
+        self.dir = journal_dir(out_dir, rank)
         self.state = state
 
     @classmethod
-    def start(cls, out_dir: Path, settings: dict, n_layers: int) -> "Journal":
-        journal = cls(out_dir, {"format": FORMAT, "settings": settings, "n_layers": n_layers, "done_blocks": 0,
-                                "complete": False, "writer": None, "hidden": None, "blocks": []})
+    def start(cls, out_dir: Path, settings: dict, n_layers: int, rank: int | None = None,
+              first: int = 0) -> "Journal":
+        journal = cls(out_dir, {"format": FORMAT, "settings": settings, "n_layers": n_layers, "done_blocks": first,
+                                "complete": False, "writer": None, "hidden": None, "blocks": []}, rank)
         journal.dir.mkdir(parents=True, exist_ok=True)
         journal._write_index()
         return journal
 
     @classmethod
-    def open(cls, out_dir: Path) -> "Journal":
-        if not journal_path(out_dir).is_file():
-            raise ResumeError(f"{out_dir} is not a streamq run directory (no {JOURNAL_DIR}/{JOURNAL_NAME})")
-        return cls(out_dir, read(out_dir))
+    def open(cls, out_dir: Path, rank: int | None = None) -> "Journal":
+        if not journal_path(out_dir, rank).is_file():
+            raise ResumeError(f"{out_dir} is not a streamq run directory (no {journal_path(out_dir, rank)})")
+        return cls(out_dir, read(out_dir, rank), rank)
+
+    def owns(self, name: str) -> bool:
+        """Whether a file in the output directory is this journal's to keep or clean up: all of
+        them for one process; for a block-parallel run each process's shards, and rank 0 also
+        what is not a process's shard (index, config, a crash's leftovers)."""
+        if self.rank is None:
+            return True
+        if name.startswith(shard_stem(self.rank) + "-"):
+            return True
+        return self.rank == 0 and not name.startswith("model-rank")
 
     def _write_index(self) -> None:
         with disk_full_guard(self.dir / (JOURNAL_NAME + ".tmp"), self.out_dir):
@@ -97,6 +146,20 @@ class Journal:
         if self.state["writer"] and self.state["writer"]["pending"]:
             live.add(f"pending-{self.state['writer']['n_shards'] + 1:05d}.data")
         return live
+
+    def save_input(self, hidden: list[torch.Tensor]) -> None:
+        """Record the inputs of the first block still to do (a block-parallel process's, as
+        received), so that a resume need not ask for them again."""
+        name = f"hidden-{self.state['done_blocks']:05d}.safetensors"
+        self._save(name, {"hidden": torch.cat([h.cpu() for h in hidden])})
+        self.state.update(hidden=name)
+        self._write_index()
+
+    def record_writer(self, writer: ShardWriter) -> None:
+        """Record the writer's state after its last shard is written (the process's part done)."""
+        self.state.update(writer=writer.state())
+        self._write_index()
+        writer.drop_written_spools()
 
     def commit(self, done: int, writer: ShardWriter, hidden: list[torch.Tensor], block_stats: dict) -> None:
         """Record that `done` blocks are finished; `hidden` are the inputs of block `done`."""
@@ -122,10 +185,13 @@ class Journal:
     def load_hidden(self) -> torch.Tensor:
         return load_file(self.dir / self.state["hidden"])["hidden"]
 
+    def new_writer(self, max_bytes: int) -> ShardWriter:
+        return ShardWriter(self.out_dir, max_bytes, keep_spools=True, stem=shard_stem(self.rank), spool_dir=self.dir)
+
     def load_writer(self, max_bytes: int) -> ShardWriter:
         state = self.state["writer"] or {"n_shards": 0, "total_bytes": 0, "weight_map": {}, "hashes": {},
                                          "pending": [], "pending_bytes": 0}
-        return ShardWriter.restore(self.out_dir, max_bytes, state)
+        return ShardWriter.restore(self.out_dir, max_bytes, state, shard_stem(self.rank), self.dir)
 
     def verify_and_clean(self) -> None:
         """Check every recorded shard against its hash; remove what the crash left behind
@@ -140,7 +206,7 @@ class Journal:
                                   "(modified or damaged); start over with --overwrite")
         keep = set(hashes) | {JOURNAL_DIR}
         for path in self.out_dir.iterdir():
-            if path.name not in keep and path.is_file():
+            if path.name not in keep and path.is_file() and self.owns(path.name):
                 path.unlink()  # partial or unrecorded shards, .tmp files, index/config of a crash
         live = self.files()
         n_shards = (self.state["writer"] or {}).get("n_shards", 0)

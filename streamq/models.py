@@ -10,6 +10,7 @@ import torch
 
 from .errors import InputError, OutputError, SettingsError
 from .checkpoint import TOKENIZER_FILES
+from .journal import resume_command
 from .journal import status as journal_status
 
 
@@ -75,7 +76,7 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         run = journal_status(out_dir)
         if run is not None and not run.complete:
             raise OutputError(f"output directory {out_dir} holds an interrupted run ({run.done} of {run.total} "
-                              f"blocks done); continue it with: streamq resume {out_dir} (or pass --overwrite)")
+                              f"blocks done); continue it with: {resume_command(out_dir)} (or pass --overwrite)")
         if run is not None:
             raise OutputError(f"output directory {out_dir} holds a finished run; pass --overwrite to replace it")
         raise OutputError(f"output directory {out_dir} is not empty; pass --overwrite to replace it")

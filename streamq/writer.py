@@ -83,9 +83,11 @@ class ShardWriter:
     written shard's spool stays until the journal has recorded the shard (drop_written_spools),
     so a crash between the two never loses data the journal still counts as pending."""
 
-    def __init__(self, out_dir: Path, max_bytes: int = DEFAULT_SHARD_BYTES, keep_spools: bool = False):
+    def __init__(self, out_dir: Path, max_bytes: int = DEFAULT_SHARD_BYTES, keep_spools: bool = False,
+                 stem: str = "model", spool_dir: Path | None = None):
         self.out_dir = Path(out_dir)
-        self.spool_dir = self.out_dir / SPOOL_DIR
+        self.spool_dir = Path(spool_dir) if spool_dir else self.out_dir / SPOOL_DIR
+        self.stem = stem  # shards are STEM-00001.safetensors, ...: one stem per writing process
         self.max_bytes = max_bytes
         self.keep_spools = keep_spools
         self.pending: list[list] = []  # [name, dtype, shape, nbytes] in spool order
@@ -124,7 +126,7 @@ class ShardWriter:
             return
         spool = self.spool()
         self.n_shards += 1
-        name = f"model-{self.n_shards:05d}.safetensors"
+        name = f"{self.stem}-{self.n_shards:05d}.safetensors"
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for tname, dtype, shape, size in self.pending:
@@ -162,10 +164,16 @@ class ShardWriter:
         for n in range(1, self.n_shards + 1):
             self.spool(n).unlink(missing_ok=True)
 
-    def finish(self) -> None:
+    def finish(self, others: list[tuple[dict[str, str], int]] = ()) -> None:
+        """Write the last shard and the index, which also lists `others`: the (weight map, total
+        bytes) of the other processes' writers of a block-parallel run."""
         self.flush()
         self.drop_written_spools()
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
+        weight_map, total = dict(self.weight_map), self.total_bytes
+        for their_map, their_bytes in others:
+            weight_map.update(their_map)
+            total += their_bytes
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with disk_full_guard(self.out_dir / (INDEX_NAME + ".tmp"), self.out_dir):
             write_json_atomic(self.out_dir / INDEX_NAME, index)
         try:
@@ -178,10 +186,11 @@ class ShardWriter:
                 "hashes": self.hashes, "pending": self.pending, "pending_bytes": self.pending_bytes}
 
     @classmethod
-    def restore(cls, out_dir: Path, max_bytes: int, state: dict) -> "ShardWriter":
+    def restore(cls, out_dir: Path, max_bytes: int, state: dict, stem: str = "model",
+                spool_dir: Path | None = None) -> "ShardWriter":
         """The writer as the journal recorded it; the spool is cut back to the recorded length
         (bytes appended after the last journal entry belong to an unfinished block)."""
-        writer = cls(out_dir, max_bytes, keep_spools=True)
+        writer = cls(out_dir, max_bytes, keep_spools=True, stem=stem, spool_dir=spool_dir)
         writer.n_shards, writer.total_bytes = state["n_shards"], state["total_bytes"]
         writer.weight_map, writer.hashes = dict(state["weight_map"]), dict(state["hashes"])
         writer.pending, writer.pending_bytes = [list(p) for p in state["pending"]], state["pending_bytes"]
