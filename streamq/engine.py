@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import faults
+from . import faults, parallel
 from .block import capture, captured_inputs, check_shapes, check_storable, quantize_block
 from .budget import BlockShape, Plan, forward_samples, plan_block
 from .calib import calibration_blocks, tokens_digest
@@ -25,7 +25,6 @@ from .errors import InterruptedRun, ResumeError, SettingsError
 from .families import Family, build_block, detect
 from .families.base import meta_block
 from .formats import Format, by_name, settle
-from . import parallel
 from .journal import Journal, parallel_world, resume_command
 from .kernels import Ops
 from .kernels import select as select_kernels
@@ -87,8 +86,8 @@ def _setup(model_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str, 
     check_shapes(shape_block, family.block_prefix(0), qcfg.group_size)
     captured = captured_inputs(shape_block, family, hf_config)
     elem = torch.finfo(dtype).bits // 8
-    if max_gpu_mem is None and dev.type == "cuda":
-        max_gpu_mem = torch.cuda.mem_get_info(dev)[0]
+    if max_gpu_mem is None and dev.type == "cuda":  # its free memory, shared by the processes using it
+        max_gpu_mem = torch.cuda.mem_get_info(dev)[0] // parallel.ranks_per_device()
     shape = BlockShape.of(shape_block, captured, family.scale_groups(hf_config), qcfg.group_size, qcfg.clip_tokens)
     plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, max_gpu_mem, micro=forward_samples(dev),
                       gptq=qcfg.gptq, twin=qcfg.next_input == "quantized")
@@ -216,11 +215,16 @@ def _reopen(journal: Journal, device: str, max_gpu_mem: int | None, kernels: str
     return run
 
 
-def _saved_inputs(run: Run, journal: Journal) -> list[torch.Tensor]:
-    """The journal's inputs of the next block, chunked and placed as the plan says."""
-    hidden = journal.load_hidden().to(run.dtype)
+def _placed(run: Run, hidden: torch.Tensor) -> list[torch.Tensor]:
+    """Host activations [n, T, C] chunked and placed as the plan says (pinned host memory for a
+    GPU that streams them)."""
     pin = run.device.type == "cuda" and run.store.type == "cpu"
     return [c.pin_memory() if pin else to_store(c, run.store) for c in hidden.split(run.plan.chunk_samples)]
+
+
+def _saved_inputs(run: Run, journal: Journal) -> list[torch.Tensor]:
+    """The journal's inputs of the next block, chunked and placed as the plan says."""
+    return _placed(run, journal.load_hidden().to(run.dtype))
 
 
 @torch.no_grad()
@@ -318,9 +322,7 @@ def _parallel_blocks(run: Run, comm: parallel.Comm, journal: Journal, writer: Sh
     needs = comm.all_gather(x_chunks is None)
     t0 = time.time()
     if x_chunks is None:
-        hidden = comm.recv(3, run.dtype, world.rank - 1)
-        x_chunks = [to_store(c, run.store) for c in hidden.split(run.plan.chunk_samples)]
-        del hidden
+        x_chunks = _placed(run, comm.recv(3, run.dtype, world.rank - 1))
         journal.save_input(x_chunks)
         say(f"received the inputs of block {a} after {time.time() - t0:.1f} s")
     t1 = time.time()
@@ -352,6 +354,7 @@ def _parallel_blocks(run: Run, comm: parallel.Comm, journal: Journal, writer: Sh
     comm.barrier()  # the index is written: the run is complete
     if not world.first:
         journal.complete()
+    parallel.stop()
     return _totals(run, summary, start)
 
 

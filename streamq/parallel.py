@@ -24,7 +24,7 @@ from .errors import SettingsError, StreamqError
 
 # one forward pass of a block against its whole quantization (capture, scale and clip searches,
 # packing): measured in tools/bench_parallel.py (docs/benchmarks.md); it only shapes the split
-FORWARD_SHARE = 0.05
+FORWARD_SHARE = 0.03
 # the hand-off waits for the forward passes of every earlier rank and the final gather for the
 # slowest rank's searches; a rank that dies closes its connections, so a failure is seen at once
 TIMEOUT = timedelta(hours=48)
@@ -100,6 +100,14 @@ def start(device: torch.device) -> None:
         dist.init_process_group("gloo", timeout=TIMEOUT)
     if device.type == "cuda" and device.index is None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def ranks_per_device() -> int:
+    """How many of this machine's processes share each GPU (several when there are more
+    processes than GPUs): they share its free memory."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    devices = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    return max(1, -(-local // devices))
 
 
 def stop() -> None:
