@@ -40,14 +40,15 @@ def shape_of(config, qcfg=QuantConfig()):
 
 
 @pytest.mark.parametrize("name,park", [("opt", False), ("llama", False), ("llama_gqa", False), ("mixtral", False),
-                                       ("qwen2_moe", False), ("mixtral", True), ("qwen2_moe", True)])
+                                       ("qwen2_moe", False), ("qwen2_moe", True)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("micro", [None, 1])
 def test_measured_peak_stays_within_the_estimate(one_block_models, name, park, dtype, micro):
     """Activations resident on the (CPU) device, as a roomy GPU budget plans them: weights,
     inputs and everything quantize_block allocates peak below the estimate without its slack.
-    With the experts parked, their weights are in host memory: not counted as held, and every
-    copy of them that comes to the device is (each load is a real copy, on a CPU too)."""
+    With the experts parked (Qwen2-MoE: routed experts parked, the shared one on the device),
+    their weights are in host memory: not counted as held, and every copy of them that comes to
+    the device is (each load is a real copy, on a CPU too)."""
     config = AutoConfig.from_pretrained(one_block_models[name])
     family, cpu, elem = detect(config), torch.device("cpu"), torch.finfo(dtype).bits // 8
     plan = plan_block(shape_of(config), N_SAMPLES, SEQLEN, elem, budget=10**12, micro=micro, park=park)

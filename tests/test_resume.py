@@ -42,9 +42,14 @@ def uninterrupted(tiny_models, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", ["opt", "llama"])
-@pytest.mark.parametrize("kill_at", ["block0:search", "block1:search", "shard1:written", "shard2:written",
-                                     "block0:hidden", "block0:journal", "block1:journal"])
+KILL_POINTS = ["block0:search", "block1:search", "shard1:written", "shard2:written", "block0:hidden", "block0:journal",
+               "block1:journal"]
+
+
+# every point on OPT; on LLaMA (the same journal, another family's blocks) one before and one
+# after the first commit
+@pytest.mark.parametrize("family,kill_at", [("opt", k) for k in KILL_POINTS] + [("llama", "block0:search"),
+                                                                                ("llama", "block1:journal")])
 def test_sigkill_then_resume_is_byte_identical(tiny_models, uninterrupted, tmp_path, family, kill_at):
     out = tmp_path / "out"
     killed = streamq("run", "--model", tiny_models[family], "--output", out, *ARGS, kill_at=kill_at)
