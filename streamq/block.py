@@ -31,8 +31,7 @@ from .search import (
     fold_into_inputs,
     fold_into_prev,
     keep_salient_quantize,
-    micro_batches,
-    run_module,
+    run_batches,
     salient_channels,
     sample_tokens,
     search_scale,
@@ -109,11 +108,11 @@ def capture(
     device = compute_device(block)
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     parts: dict[str, Assembler | TokenCollector] = {}
-    shape: list[tuple[int, int]] = []
+    seqlen: list[int] = []  # tokens per sample of the chunk being run
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
-            parts[name].add(args[0].detach().reshape(*shape[0], -1))  # OPT flattens tokens
+            parts[name].add(args[0].detach().reshape(-1, seqlen[0], args[0].shape[-1]))  # OPT flattens tokens
         return record
 
     def routed_hook(name: str):
@@ -121,7 +120,7 @@ def capture(
 
         def record(module: nn.Module, args: tuple) -> None:
             # the expert holding this linear says which tokens of the micro-batch it is given
-            parts[name].add(args[0].detach().reshape(-1, args[0].shape[-1]), parent.routed_tokens, shape[0][1])
+            parts[name].add(args[0].detach().reshape(-1, args[0].shape[-1]), parent.routed_tokens, seqlen[0])
         return record
 
     by_token = {n for n in names if routed(block, n)}
@@ -133,9 +132,11 @@ def capture(
             keep = store or x.device
             parts.update({n: TokenCollector(keep) if n in by_token else Assembler(keep, x.shape[0]) for n in names})
             out = Assembler(keep, x.shape[0])
-            for xm in micro_batches(upload(x, device), micro):
-                shape[:] = [(xm.shape[0], xm.shape[1])]
-                out.add(run_module(block, xm, kwargs))
+            seqlen[:] = [x.shape[1]]
+            # a block that runs several batches together (a MoE layer with parked experts) gets a
+            # chunk's at once: each linear's inputs still arrive batch by batch, in order
+            for y in run_batches(block, upload(x, device), kwargs, micro):
+                out.add(y)
             outs.append(out.result())
             for n in names:
                 if n in by_token:  # one entry per sample that routed any token here

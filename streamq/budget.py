@@ -148,9 +148,10 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
     # per sample in one forward pass: the block's intermediates; and one sample's error in float32
     per_forward = seqlen * e * (4 * shape.widest + 6 * shape.hidden)
     loss = 3 * seqlen * shape.ref_width * FLOAT32
-    # parked experts come to the device once for all the forward passes of a chunk, whose outputs
-    # (and routes: 64 bytes a token bound them) are then held together
-    batch_out = seqlen * (shape.hidden * e + 64)
+    # parked experts come to the device once for all the forward passes of a chunk: the sparse
+    # MLP's inputs and outputs of the whole chunk are then held together, and while the block's
+    # inputs are captured, the residuals too (and the routes: 64 bytes a token bound them)
+    batch_out = seqlen * (3 * shape.hidden * e + 64)
 
     def peaks(fixed: int, per_chunk: int):
         def on_device(c: int) -> int:

@@ -151,12 +151,12 @@ def _set_candidate(linears: list[nn.Linear], originals: list[torch.Tensor | None
 
 def run_batches(module: nn.Module, x: torch.Tensor, kwargs: dict, micro: int | None):
     """The module's output for each micro-batch of x: at once where the module computes many
-    batches together (a sparse MLP whose experts are parked loads each expert once), else one
-    at a time."""
+    batches together (a sparse MLP whose experts are parked, or its decoder layer, loads each
+    expert once), else one at a time."""
     batches = micro_batches(x, micro)
     many = getattr(module, "forward_batches", None)
-    if many is not None and not kwargs:
-        return many(batches)
+    if many is not None:
+        return many(batches, kwargs)
     return (run_module(module, xm, kwargs) for xm in batches)
 
 

@@ -15,9 +15,10 @@ from streamq.block import captured_inputs, quantize_block
 from streamq.budget import MAX_CHUNK_SAMPLES, SLACK_BYTES, BlockShape, plan_block
 from streamq.config import QuantConfig
 from streamq.errors import SettingsError
-from streamq.families import build_block, detect
+from streamq.families import build_block, detect, moe
 from streamq.families.base import meta_block
 from streamq.placement import is_parked
+from streamq.search import run_module
 from streamq.shards import ShardReader
 
 N_SAMPLES, SEQLEN = 8, 64
@@ -66,11 +67,11 @@ def test_measured_peak_stays_within_the_estimate(one_block_models, name, park, d
     assert measured <= plan.estimated_peak_bytes - SLACK_BYTES, (measured, plan)
 
 
-def test_parked_experts_compute_the_same_bytes(one_block_models):
-    """The sparse MLP with parked experts (each loaded once for all the forward passes of a chunk
-    during the search, once per pass elsewhere) gives the records and tensors of the same block
-    with every expert on the device; and parking is what a budget too small for the whole block
-    but large enough for one expert at a time plans."""
+def test_parked_experts_compute_the_same_bytes(one_block_models, monkeypatch):
+    """The sparse MLP and its decoder layer with parked experts (each expert loaded once for all
+    the forward passes of a chunk) compute what they compute with every expert on the device,
+    and so do the records, tensors and next inputs of the block's quantization; parking is what
+    a budget too small for the whole block but large enough for one expert at a time plans."""
     config = AutoConfig.from_pretrained(one_block_models["qwen2_moe"])
     family, cpu = detect(config), torch.device("cpu")
     x = torch.randn(N_SAMPLES, SEQLEN, config.hidden_size, generator=torch.Generator().manual_seed(1))
@@ -79,8 +80,15 @@ def test_parked_experts_compute_the_same_bytes(one_block_models):
     for park in (False, True):
         block = build_block(config, 0, ShardReader(one_block_models["qwen2_moe"]).with_prefix(family.block_prefix(0)),
                             cpu, torch.float32, park=park)
-        batches = list(x[:3])
+        batches = list(x[:3, None])  # three batches of one sample, as a GPU runs them
         assert all(torch.equal(a, block.mlp(b)) for a, b in zip(block.mlp.forward_batches(batches), batches))
+        if park:  # the whole layer too, each parked expert loaded once for the three batches
+            loads, real = [], moe.loaded
+            monkeypatch.setattr(moe, "loaded", lambda module: (loads.append(module), real(module))[1])
+            together = list(block.forward_batches(batches, kwargs))
+            assert 0 < len(loads) <= len(block.mlp.experts) and len(set(map(id, loads))) == len(loads)
+            monkeypatch.setattr(moe, "loaded", real)
+            assert all(torch.equal(a, run_module(block, b, kwargs)) for a, b in zip(together, batches))
         results.append(quantize_block(block, family, config, list(x.split(4)), kwargs, QuantConfig(), cpu, micro=1))
     (whole, parked) = results
     assert len(whole[0].scales) == len(parked[0].scales) and len(whole[0].clips) == len(parked[0].clips)

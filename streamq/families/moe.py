@@ -27,6 +27,7 @@ from transformers.activations import ACT2FN
 
 from ..errors import UnsupportedModelError
 from ..placement import is_parked, loaded
+from ..search import run_module
 from .base import BLOCK_BUILDERS, LAYER_ADAPTERS, Family, ScaleGroup, modeling_class
 from .llama import LLAMA, gqa
 
@@ -128,7 +129,15 @@ class SparseMoe(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.reshape(shape)
 
+    recording: list[torch.Tensor] | None = None  # set by forward_batches_of_layer
+
+    def parked(self) -> bool:
+        return any(is_parked(expert) for expert in self.experts)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.recording is not None:  # the layer runs up to here; this MLP runs later, for every batch
+            self.recording.append(hidden_states)
+            return torch.zeros_like(hidden_states)
         x, routes = self._route(hidden_states)
         out = torch.zeros_like(x)
         for e, (tokens, weight) in routes.items():
@@ -136,11 +145,11 @@ class SparseMoe(nn.Module):
                 self._add_expert(out, x, e, tokens, weight)
         return self._finish(out, x, hidden_states.shape)
 
-    def forward_batches(self, batches: list[torch.Tensor]):
+    def forward_batches(self, batches: list[torch.Tensor], kwargs: dict | None = None):
         """forward of each batch, byte for byte (each output receives the same experts' results
         in the same order), with every parked expert brought to the device once for all the
         batches instead of once per batch. Holds every batch's output at once."""
-        if not any(is_parked(expert) for expert in self.experts):
+        if not self.parked():
             return (self(xb) for xb in batches)  # one at a time, as run_module
         routed = [self._route(xb) for xb in batches]
         outs = [torch.zeros_like(x) for x, _ in routed]
@@ -151,6 +160,39 @@ class SparseMoe(nn.Module):
                     for out, x, (tokens, weight) in users:
                         self._add_expert(out, x, e, tokens, weight)
         return [self._finish(out, x, xb.shape) for out, (x, _), xb in zip(outs, routed, batches)]
+
+
+def forward_batches_of_layer(layer: nn.Module, batches: list[torch.Tensor], kwargs: dict):
+    """The decoder layer's output for each batch, byte for byte as its forward computes it; with
+    parked experts, each expert is loaded once for all the batches instead of once per batch: the
+    layer runs every batch up to its sparse MLP (which records its input and returns zeros), the
+    MLP then runs the batches expert by expert, and each output is the residual (the input of
+    the post-attention norm) plus the MLP's output, the sum the layer's forward ends with."""
+    moe = layer.mlp
+    if not moe.parked():
+        return (run_module(layer, xb, kwargs) for xb in batches)
+    residuals: list[torch.Tensor] = []
+    hook = layer.post_attention_layernorm.register_forward_pre_hook(lambda m, args: residuals.append(args[0]))
+    moe.recording = []
+    try:
+        for xb in batches:
+            layer(xb, **kwargs)
+        inputs = moe.recording
+    finally:
+        hook.remove()
+        moe.recording = None
+    return (residual + y for residual, y in zip(residuals, moe.forward_batches(inputs)))
+
+
+_BATCHED: dict[type, type] = {}
+
+
+def _batched(cls: type) -> type:
+    """The transformers decoder layer class with forward_batches (block.capture uses it)."""
+    if cls not in _BATCHED:
+        _BATCHED[cls] = type(cls.__name__, (cls,), {"forward_batches": forward_batches_of_layer,
+                                                     "__module__": cls.__module__})
+    return _BATCHED[cls]
 
 
 def sparse_layers(config: Any) -> bool:
@@ -170,6 +212,7 @@ def moe_builder(layout: MoeLayout):
                 f"decoder_sparse_step={config.decoder_sparse_step}) is not supported yet: every layer must be sparse")
         layer = modeling_class(config, "DecoderLayer")(config, layer_idx=index)
         _install(layer, layout, SparseMoe(config, layout))
+        layer.__class__ = _batched(type(layer))  # the same layer, able to run batches expert by expert
         return layer
     return build
 
