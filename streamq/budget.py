@@ -181,7 +181,7 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
             return Plan(c, False, streamed(c), minimum, micro, parks)
     weights = f"its weights of {format_bytes(shape.weight_elems * e)}"
     if shape.parkable_elems:
-        weights = (f"its weights but the experts', {format_bytes(kept * e)}, with one expert of "
+        weights = (f"its weights without the routed experts, {format_bytes(kept * e)}, and one expert of "
                    f"{format_bytes(shape.largest_parkable * e)} at a time")
     raise SettingsError(
         f"--max-gpu-mem {format_bytes(budget)} is too small: one block needs at least "
