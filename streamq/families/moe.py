@@ -80,6 +80,8 @@ class Expert(nn.Module):
 
 
 class SparseMoe(nn.Module):
+    recording: list[torch.Tensor] | None = None  # while set (forward_batches_of_layer), forward records its input
+
     def __init__(self, config: Any, layout: MoeLayout):
         super().__init__()
         hidden, n = config.hidden_size, int(getattr(config, layout.n_experts))
@@ -128,8 +130,6 @@ class SparseMoe(nn.Module):
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.reshape(shape)
-
-    recording: list[torch.Tensor] | None = None  # set by forward_batches_of_layer
 
     def parked(self) -> bool:
         return any(is_parked(expert) for expert in self.experts)
