@@ -35,6 +35,7 @@ from .search import (
     salient_channels,
     sample_tokens,
     search_scale,
+    token_count,
 )
 
 
@@ -86,10 +87,6 @@ def search_input(group) -> str:
 def routed(block: nn.Module, name: str) -> bool:
     """A linear that sees only the tokens routed to it (an expert's)."""
     return hasattr(block.get_submodule(name), "routed_fraction")
-
-
-def n_tokens(chunks: Chunks) -> int:
-    return sum(c.shape[0] * c.shape[1] for c in chunks)
 
 
 def check_shapes(block: nn.Module, prefix: str, group_size: int) -> None:
@@ -204,7 +201,7 @@ def search_block(
     device = compute_device(block)
     for key in sorted(set(source.values())):
         if routed(block, key):
-            records.tokens[key] = n_tokens(feats[key])
+            records.tokens[key] = token_count(feats[key])
     cold = {key for key, n in records.tokens.items() if n < qcfg.min_expert_tokens}
     records.fallback = [name for name in linear_names(block) if source[name] in cold]
     if qcfg.mode == "keep1":

@@ -245,9 +245,7 @@ def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = 
         return _parallel_resume(world, out_dir, device, max_gpu_mem, kernels, compute, start)
     journal = Journal.open(out_dir)
     state = journal.state
-    if state["complete"]:
-        raise ResumeError(f"{out_dir} is already complete ({state['n_layers']} of {state['n_layers']} blocks); "
-                          "nothing to resume")
+    _refuse_complete(out_dir, state)
     run = _reopen(journal, device, max_gpu_mem, kernels, compute)
     journal.verify_and_clean()
     done = state["done_blocks"]
@@ -256,6 +254,12 @@ def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = 
     summary = _blocks(run, journal, writer, x_chunks, done, start, on_block)
     summary.resumed_from = done
     return summary
+
+
+def _refuse_complete(out_dir: Path, state: dict) -> None:
+    if state["complete"]:
+        raise ResumeError(f"{out_dir} is already complete ({state['n_layers']} of {state['n_layers']} blocks); "
+                          "nothing to resume")
 
 
 def _parallel_resume(world: parallel.World, out_dir: Path, device: str, max_gpu_mem: int | None, kernels: str,
@@ -270,10 +274,7 @@ def _parallel_resume(world: parallel.World, out_dir: Path, device: str, max_gpu_
         if started != world.size:
             raise ResumeError(f"{out_dir} was started by {started} processes, not {world.size}; continue it with: "
                               f"{resume_command(out_dir)}")
-        first = Journal.open(out_dir, 0).state
-        if first["complete"]:
-            raise ResumeError(f"{out_dir} is already complete ({first['n_layers']} of {first['n_layers']} blocks); "
-                              "nothing to resume")
+        _refuse_complete(out_dir, Journal.open(out_dir, 0).state)  # rank 0 completes the run
         journal = Journal.open(out_dir, world.rank)
         run = _reopen(journal, device, max_gpu_mem, kernels, compute, warn=world.first)
         journal.verify_and_clean()
@@ -317,8 +318,7 @@ def _parallel_blocks(run: Run, comm: parallel.Comm, journal: Journal, writer: Sh
         print(f"streamq: rank {world.rank}: {message}", file=sys.stderr, flush=True)
 
     if world.first:
-        print(f"streamq: {world.size} processes, blocks {' '.join(f'{x}-{y - 1}' for x, y in ranges)}; "
-              f"{run.kernels_note}; computing in {dtype_name(run.dtype)}", file=sys.stderr)
+        _announce(run, f"{world.size} processes, blocks {' '.join(f'{x}-{y - 1}' for x, y in ranges)}; ")
     needs = comm.all_gather(x_chunks is None)
     t0 = time.time()
     if x_chunks is None:
@@ -386,12 +386,20 @@ def _stoppable():
 
 def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torch.Tensor], first: int,
             start: float, on_block: OnBlock | None) -> Summary:
+    _announce(run)
     summary = _loop(run, journal, writer, x_chunks, first, run.family.n_layers(run.hf_config), on_block)
     write_non_block_tensors(run.reader, run.family, writer, run.qcfg.storage_torch_dtype)
     writer.finish()
     _write_metadata(run, journal, summary.blocks)
     journal.complete()
     return _totals(run, summary, start)
+
+
+def _announce(run: Run, before: str = "") -> None:
+    """The run's opening lines on stderr: what computes, and the scale groups left out."""
+    print(f"streamq: {before}{run.kernels_note}; computing in {dtype_name(run.dtype)}", file=sys.stderr)
+    for reason in run.family.skipped_groups(run.hf_config):
+        print(f"streamq: note: scale group skipped (cannot be folded exactly): {reason}", file=sys.stderr)
 
 
 def _write_metadata(run: Run, journal: Journal, blocks: list[dict], extra: dict | None = None) -> None:
@@ -423,10 +431,6 @@ def _loop(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torch.
     family, hf_config, dev = run.family, run.hf_config, run.device
     n_layers = family.n_layers(hf_config)
     summary = Summary(run.plan, run.qcfg, blocks=list(journal.state["blocks"]))
-    if say is None:
-        print(f"streamq: {run.kernels_note}; computing in {dtype_name(run.dtype)}", file=sys.stderr)
-        for reason in family.skipped_groups(hf_config):
-            print(f"streamq: note: scale group skipped (cannot be folded exactly): {reason}", file=sys.stderr)
     if on_block:
         on_block(first, n_layers)
     with _stoppable() as stop_signal:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import SettingsError, StreamqError
+from .journal import journal_dir, resume_command
 
 # one forward pass of a block against its whole quantization (capture, scale and clip searches,
 # packing): measured in tools/bench_parallel.py (docs/benchmarks.md); it only shapes the split
@@ -118,7 +119,7 @@ def stop() -> None:
 
 
 def failure_note(out_dir: Path) -> Path:
-    return Path(out_dir) / ".streamq" / "failed"
+    return journal_dir(out_dir) / "failed"
 
 
 def record_failure(out_dir: Path, world: World, message: str) -> None:
@@ -141,7 +142,7 @@ def _peer_failed(out_dir: Path, world: World, exc: Exception) -> RankFailed:
         return RankFailed(f"stopped: {note.splitlines()[0]}", echo=False)
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return RankFailed(f"rank {world.rank} stopped: another process left the run ({detail}); the finished blocks are "
-                      f"kept: continue with torchrun --nproc-per-node {world.size} -m streamq resume {out_dir}")
+                      f"kept: continue with {resume_command(out_dir)}")
 
 
 class Comm:

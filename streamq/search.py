@@ -78,6 +78,11 @@ def micro_batches(x: torch.Tensor, micro: int | None) -> list[torch.Tensor]:
     return [x] if micro is None or x.shape[0] <= micro else list(x.split(micro))
 
 
+def token_count(chunks: Chunks) -> int:
+    """Calibration tokens in the chunks ([b, T, C] each)."""
+    return sum(c.shape[0] * c.shape[1] for c in chunks)
+
+
 def act_scale(chunks: Chunks, device: torch.device | None = None) -> torch.Tensor:
     """mean |x| per input channel over every calibration token (float32, host). Each sample is
     reduced on its own in float32 on `device` (default: where each chunk is): the same
@@ -87,8 +92,7 @@ def act_scale(chunks: Chunks, device: torch.device | None = None) -> torch.Tenso
     for c in chunks:
         c = upload(c, device or c.device)
         per_sample.append(torch.stack([x.abs().sum(dim=0, dtype=torch.float32) for x in c]).cpu())
-    n_tokens = sum(c.shape[0] * c.shape[1] for c in chunks)
-    return (torch.cat(per_sample).double().sum(dim=0) / n_tokens).to(torch.float32)
+    return (torch.cat(per_sample).double().sum(dim=0) / token_count(chunks)).to(torch.float32)
 
 
 def weight_scale(weights: list[torch.Tensor], group_size: int, device: torch.device) -> torch.Tensor:
@@ -139,10 +143,8 @@ def _set_candidate(linears: list[nn.Linear], originals: list[torch.Tensor | None
     """The linears compute with Q(W*s)/s (s on the compute device), or their originals for None:
     a linear on the device gets the new weights now; a parked one (original None: its weight is
     in host memory) gets them made on the device each time it is loaded (placement.loaded)."""
-    s_dev = None
+    s_dev = None if s is None else s.to(device=device, dtype=linears[0].weight.dtype)
     for lin, w in zip(linears, originals):
-        if s_dev is None and s is not None:
-            s_dev = s.to(device=device, dtype=lin.weight.dtype)
         if w is None:
             lin.candidate = None if s_dev is None else (lambda v, s_dev=s_dev: scaled_quantize(v, s_dev, qcfg))
         else:
@@ -259,7 +261,7 @@ def fixed_scale(x_mean: torch.Tensor, frac: float, value: float = 2.0) -> torch.
 
 def sample_tokens(chunks: Chunks, n_tokens: int) -> torch.Tensor:
     """About n_tokens rows [n, C] taken at a fixed stride over all calibration tokens."""
-    total = sum(c.shape[0] * c.shape[1] for c in chunks)
+    total = token_count(chunks)
     stride = max(1, total // n_tokens)
     wanted = torch.arange(0, total, stride)[:n_tokens]
     rows, start = [], 0
