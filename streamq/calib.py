@@ -1,4 +1,5 @@
-"""Deterministic calibration token blocks from a local file (text, JSONL, .pt or .npy ids)."""
+"""Deterministic calibration token blocks from a local file (text, JSONL, .pt or .npy ids) or a
+data set by name."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from .config import CalibConfig
 from .errors import CalibrationError
+from .sources.datasets import SPEC_HELP, calibration_text, named
 
 DOC_SEPARATOR = "\n\n"
 
@@ -60,17 +62,22 @@ def read_ids(path: Path) -> torch.Tensor:
 
 
 def load_tokens(cfg: CalibConfig, tokenizer: Any | None) -> torch.Tensor:
-    """The whole calibration stream as one 1-D LongTensor of token ids."""
+    """The whole calibration stream as one 1-D LongTensor of token ids: from a file, a data set
+    by name (sources.datasets), or the built-in text."""
     path = Path(cfg.source) if cfg.source else None
-    if path is not None and not path.is_file():
-        raise CalibrationError(f"calibration file {path} does not exist")
-    if path is not None and path.suffix in (".pt", ".npy"):
+    dataset = named(cfg.source) if path is not None and not path.is_file() else None
+    if path is not None and not path.is_file() and dataset is None:
+        raise CalibrationError(f"calibration file {path} does not exist (nor is it a data set: {SPEC_HELP})")
+    if dataset is None and path is not None and path.suffix in (".pt", ".npy"):
         return read_ids(path)
     if tokenizer is None:
         raise CalibrationError(
             "the model has no tokenizer files; pass pre-tokenised ids with --calib FILE.pt or FILE.npy"
         )
-    text = read_text(path) if path is not None else builtin_text()
+    if dataset is not None:
+        text = calibration_text(dataset, tokenizer, cfg.n_samples * cfg.seqlen)
+    else:
+        text = read_text(path) if path is not None else builtin_text()
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 

@@ -97,6 +97,7 @@ def write_metadata(
     calib_digest: str,
     source_fingerprint: str,
     fmt: Format,
+    source: dict | None = None,
     extra: dict | None = None,
 ) -> None:
     write_json_atomic(out_dir / "config.json", output_config(model_dir, fmt, qcfg, family.extra_linears(hf_config)))
@@ -109,7 +110,9 @@ def write_metadata(
         "format": None if keep1 else fmt.name,
         "quant": qcfg.to_json(),
         "calib": {**calib.to_json(), "tokens_sha256": calib_digest},
-        "source": {"path": str(model_dir.resolve()), "fingerprint": source_fingerprint, "files_copied": copied},
+        # what was asked for (a path, a Hub id, a short name) and what it resolved to
+        "source": {**(source or {}), "path": str(model_dir.resolve()), "fingerprint": source_fingerprint,
+                   "files_copied": copied},
         "storage": storage,
         "scale_groups": [f"{g.prev_op}{'[%d:%d]' % g.prev_rows if g.prev_rows else ''} -> {', '.join(g.linears)}"
                          for g in family.scale_groups(hf_config)],

@@ -28,6 +28,11 @@ FORMAT_HELP = ("awq: AutoAWQ GEMM (vLLM's awq/awq_marlin; transformers through g
                "compressed-tensors package). A bf16 model stays bf16 in compressed-tensors; awq stores fp16.")
 
 
+MODEL_HELP = ("A checkpoint directory, a Hub id (org/name, from the Hub cache or downloaded) or a short name "
+              "(opt-30b, llama-2-7b, ...); safetensors or PyTorch .bin shards.")
+REVISION_HELP = "Branch, tag or commit of a Hub id (default: main)."
+
+
 class Method(str, Enum):
     awq = "awq"
     gptq = "gptq"
@@ -73,8 +78,8 @@ def main() -> None:
 
 @app.command()
 def run(
-    model: Path = typer.Option(..., "--model", help="Local directory of a Hugging Face checkpoint "
-                               "(config.json + safetensors shards). Nothing is downloaded."),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    revision: Optional[str] = typer.Option(None, "--revision", help=REVISION_HELP),
     output: Path = typer.Option(..., "--output", help="Directory to write the quantized checkpoint to."),
     w_bit: int = typer.Option(4, "--w-bit", help="Bits per weight: 4 or 3."),
     out_format: OutFormat = typer.Option(OutFormat.awq, "--format", help=FORMAT_HELP),
@@ -96,9 +101,10 @@ def run(
     mode: Mode = typer.Option(Mode.awq, "--mode", help="Ablations of --method awq: awq: scale + clip search (the paper); rtn: round to "
                               "nearest, no search; s2: scale the 1% most salient input channels by 2; "
                               "keep1: keep the 1% most salient input channels in fp16 (written as fp16)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration data: plain text, JSONL with a "
-                                         "'text' field, or token ids as a 1-D .pt/.npy. Default: the Python "
-                                         "language reference shipped with Python."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data: plain text, JSONL with a "
+                                        "'text' field, token ids as a 1-D .pt/.npy, or a data set by name (pileval, "
+                                        "wikitext2-train, ID[:CONFIG]@SPLIT[#FIELD]; needs the datasets library). "
+                                        "Default: the Python language reference shipped with Python."),
     n_samples: int = typer.Option(128, "--n-samples", help="Calibration samples (blocks of --seqlen tokens)."),
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration sample."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda[:N]."),
@@ -162,7 +168,7 @@ def run(
                                       max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
                                       shard_bytes=parse_size(shard_size), overwrite=overwrite,
                                       on_block=on_block, kernels=kernels, compute=compute_dtype,
-                                      format=out_format.value)
+                                      format=out_format.value, revision=revision)
     except StreamqError as exc:
         fail(exc, output)
     except KeyboardInterrupt:
@@ -231,12 +237,13 @@ def resume(
 
 @app.command()
 def ppl(
-    model: Path = typer.Option(..., "--model", help="A local checkpoint: an original fp16/bf16/fp32 model or a "
-                               "streamq output directory (awq or compressed-tensors)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation text: plain text (e.g. wikitext-2 raw "
-                                        "test), JSONL with a 'text' field (documents joined by blank lines), or "
-                                        "token ids as a 1-D .pt/.npy. Default: docutils' documentation, fetched "
-                                        "from PyPI once and cached (see README)."),
+    model: str = typer.Option(..., "--model", help=MODEL_HELP + " An original model or a streamq output."),
+    revision: Optional[str] = typer.Option(None, "--revision", help=REVISION_HELP),
+    data: Optional[str] = typer.Option(None, "--data", help="Evaluation text: plain text, JSONL with a 'text' "
+                                       "field (documents joined by blank lines), token ids as a 1-D .pt/.npy, or a "
+                                       "data set by name (wikitext2: the raw test split, as the paper joins it; "
+                                       "ID[:CONFIG]@SPLIT[#FIELD]; needs the datasets library). Default: docutils' "
+                                       "documentation, fetched from PyPI once and cached (see README)."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per segment; the text is cut into non-overlapping "
                                "segments and the remainder dropped."),
     max_segments: Optional[int] = typer.Option(None, "--max-segments", help="Evaluate only the first N segments "
@@ -273,7 +280,7 @@ def ppl(
                                         max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
                                         host_mem=parse_size(host_mem) if host_mem is not None else None,
                                         workdir=workdir, on_block=on_block, kernels=kernels,
-                                        compute=compute_dtype)
+                                        compute=compute_dtype, revision=revision)
         if json_out is not None:
             from .writer import write_json_atomic
 

@@ -18,11 +18,9 @@ import torch
 from .checkpoint import INT3_PACKING, copy_extras, output_config, storable, write_non_block_tensors
 from .config import QuantConfig
 from .errors import InputError, NumericError, OutputError
-from .families import detect
 from .formats import Format, by_name, linear_tensors, reading
 from .journal import status as journal_status
-from .models import check_output_dir, dtype_name, load_config, prepare_output_dir
-from .shards import ShardReader
+from .models import check_output_dir, dtype_name, open_checkpoint, prepare_output_dir
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter, write_json_atomic
 
 
@@ -84,15 +82,13 @@ def convert(in_dir: str | Path, out_dir: str | Path, format: str, shard_bytes: i
     if run is not None and not run.complete:
         raise InputError(f"{in_dir} holds an unfinished run ({run.done} of {run.total} blocks); finish it first: "
                          f"streamq resume {in_dir}")
-    hf_config = load_config(in_dir)
-    family = detect(hf_config)
+    reader, hf_config, family = open_checkpoint(in_dir)
     found = reading(hf_config)
     if found is None:
         raise InputError(f"{in_dir} holds no packed weights (config.json has no quantization_config); convert "
                          "reads the output of `streamq run`")
     src, settings = found
     qcfg, info = _settings(in_dir, src, settings)
-    reader = ShardReader(in_dir)
     qcfg = dataclasses.replace(qcfg, storage_dtype=dtype_name(dst.storage_dtype(reader.float_dtype())))
     if qcfg.w_bit > dst.max_bits:
         raise InputError(f"--format {dst.name} holds at most {dst.max_bits} bits per weight; {in_dir} has {qcfg.w_bit}")

@@ -22,17 +22,18 @@ from .calib import calibration_blocks, tokens_digest
 from .checkpoint import check_non_block_tensors, write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
 from .errors import InterruptedRun, ResumeError, SettingsError
-from .families import Family, build_block, detect
+from .families import Family, build_block
 from .families.base import meta_block
 from .formats import Format, by_name, settle
 from .journal import Journal, parallel_world, resume_command
 from .kernels import Ops
 from .kernels import select as select_kernels
 from .memory import peak_device, peak_reserved, peak_rss, reset_peaks
-from .models import (check_output_dir, compute_dtype, dtype_name, load_config, load_tokenizer, prepare_output_dir,
+from .models import (check_output_dir, compute_dtype, dtype_name, load_tokenizer, open_checkpoint, prepare_output_dir,
                      resolve_device)
 from .placement import to_store
 from .shards import ShardReader
+from .sources import resolve
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
 
 OnBlock = Callable[[int, int], None]
@@ -77,9 +78,7 @@ class Run:
 def _setup(model_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str, max_gpu_mem: int | None,
            dtype_request: str) -> tuple[ShardReader, Any, Family, torch.device, torch.dtype, Plan, int | None]:
     """Read and check everything that decides the plan; nothing is written."""
-    reader = ShardReader(model_dir)
-    hf_config = load_config(model_dir)
-    family = detect(hf_config)
+    reader, hf_config, family = open_checkpoint(model_dir)
     dev = resolve_device(device)
     dtype = compute_dtype(dev, dtype_request, reader.float_dtype())
     shape_block = meta_block(hf_config)  # every block has the same shapes
@@ -94,11 +93,12 @@ def _setup(model_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str, 
     return reader, hf_config, family, dev, dtype, plan, max_gpu_mem
 
 
-def plan(model_dir: str | Path, qcfg: QuantConfig = QuantConfig(), calib: CalibConfig = CalibConfig(),
-         device: str = "auto", max_gpu_mem: int | None = None, compute: str = "auto") -> Plan:
+def plan(model: str | Path, qcfg: QuantConfig = QuantConfig(), calib: CalibConfig = CalibConfig(),
+         device: str = "auto", max_gpu_mem: int | None = None, compute: str = "auto",
+         revision: str | None = None) -> Plan:
     """The plan a run with these settings would follow (chunking, where activations live, the
     estimated peak and the smallest budget that fits), without reading any weight."""
-    return _setup(Path(model_dir), qcfg, calib, device, max_gpu_mem, compute)[5]
+    return _setup(resolve(model, revision).path, qcfg, calib, device, max_gpu_mem, compute)[5]
 
 
 def _prepare(model_dir: Path, out_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str,
@@ -127,7 +127,7 @@ def _first_block_inputs(run: Run, ids: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def quantize(
-    model_dir: str | Path,
+    model: str | Path,
     out_dir: str | Path,
     qcfg: QuantConfig = QuantConfig(),
     calib: CalibConfig = CalibConfig(),
@@ -139,13 +139,15 @@ def quantize(
     kernels: str = "auto",
     compute: str = "auto",
     format: str = "awq",
+    revision: str | None = None,
 ) -> Summary:
-    """Quantize model_dir into out_dir, streaming one block at a time; `kernels` (auto, torch,
+    """Quantize `model` (a checkpoint directory, a Hub id at `revision` or a short name:
+    streamq.sources) into out_dir, streaming one block at a time; `kernels` (auto, torch,
     cuda) picks what runs the search's hot loops, `compute` the compute dtype (auto, float16,
     bfloat16, float32), `format` the output format (awq, compressed-tensors). Under torchrun
     with several processes, each quantizes its own range of blocks (streamq.parallel)."""
     start = time.time()
-    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
+    out_dir = Path(out_dir)
     fmt = by_name(format)
     world = parallel.from_env()
     comm = _join(world, out_dir, device)
@@ -156,14 +158,15 @@ def quantize(
                                 "on the unquantized model's activations: --next-input quantized (the default of "
                                 "--method gptq and awq+gptq) chains the blocks; pass --next-input fp16")
         check_output_dir(out_dir, overwrite)
-        run = _prepare(model_dir, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes, kernels, compute, fmt)
+        source = resolve(model, revision)
+        run = _prepare(source.path, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes, kernels, compute, fmt)
         ranges = parallel.split_blocks(run.family.n_layers(run.hf_config), world.size) if world else None
-        return run, _calibration_ids(run), ranges
+        return source, run, _calibration_ids(run), ranges
 
-    run, ids, ranges = comm.agree(setup) if comm else setup()
+    source, run, ids, ranges = comm.agree(setup) if comm else setup()
     if not world or world.first:
         prepare_output_dir(out_dir, overwrite)
-    settings = {"model_dir": str(model_dir), "quant": run.qcfg.to_json(), "format": fmt.name, "calib": calib.to_json(),
+    settings = {"model_dir": str(source.path), "source": source.to_json(), "quant": run.qcfg.to_json(), "format": fmt.name, "calib": calib.to_json(),
                 "shard_bytes": shard_bytes, "fingerprint": run.reader.fingerprint(),
                 "tokens_sha256": tokens_digest(ids), "compute_dtype": str(run.dtype), "compute_dtype_requested": compute,
                 "forward_samples": run.plan.forward_samples, "kernels": run.ops.name}
@@ -405,7 +408,7 @@ def _announce(run: Run, before: str = "") -> None:
 def _write_metadata(run: Run, journal: Journal, blocks: list[dict], extra: dict | None = None) -> None:
     settings = journal.state["settings"]
     write_metadata(run.out_dir, run.model_dir, run.family, run.hf_config, run.qcfg, run.calib,
-                   settings["tokens_sha256"], settings["fingerprint"], run.fmt,
+                   settings["tokens_sha256"], settings["fingerprint"], run.fmt, settings.get("source"),
                    extra={"engine": "stream", "device": str(run.device), "kernels": run.ops.name,
                           "compute_dtype": dtype_name(run.dtype), "max_gpu_mem": run.max_gpu_mem,
                           "plan": run.plan.to_json(), **(extra or {}), "blocks": blocks})

@@ -10,6 +10,8 @@ import torch
 
 from .errors import InputError, OutputError, SettingsError
 from .checkpoint import TOKENIZER_FILES
+from .families import Family, detect
+from .shards import ShardReader
 from .journal import resume_command
 from .journal import status as journal_status
 
@@ -58,6 +60,14 @@ def load_config(model_dir: Path) -> Any:
     except (ValueError, OSError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot read {path}: {first}") from None
+
+
+def open_checkpoint(model_dir: Path) -> tuple[ShardReader, Any, Family]:
+    """A local checkpoint's reader, config and family: the reader maps the family's published
+    name variants to transformers' names and drops tied copies, so no caller sees a variant."""
+    hf_config = load_config(model_dir)
+    family = detect(hf_config)
+    return ShardReader(model_dir, family.checkpoint_prefixes, family.tied_names(hf_config)), hf_config, family
 
 
 def load_tokenizer(model_dir: Path) -> Any | None:

@@ -23,15 +23,17 @@ from torch import nn
 from .budget import format_bytes
 from .calib import read_ids, read_text
 from .errors import CalibrationError, SettingsError
-from .families import Family, build_block, detect
+from .families import Family, build_block
 from .families.base import meta_block
 from .kernels import TORCH, Ops
 from .kernels import select as select_kernels
 from .memory import peak_device, peak_rss, reset_peaks
-from .models import compute_dtype, dtype_name, load_config, load_tokenizer, resolve_device
+from .models import compute_dtype, dtype_name, load_tokenizer, open_checkpoint, resolve_device
 from .formats import Format, dense_state, reading
 from .search import run_module
 from .shards import ShardReader
+from .sources import resolve
+from .sources.datasets import SPEC_HELP, evaluation_text, named
 
 OnBlock = Callable[[int, int], None]
 MAX_CHUNK_SEGMENTS = 16  # beyond this, larger chunks buy no speed and only cost memory
@@ -58,22 +60,25 @@ class PplResult:
     peak_rss_bytes: int
     peak_gpu_bytes: int | None
     kernels: str = "torch"  # what dequantized the packed weights: torch or cuda
+    source: dict | None = None  # what --model asked for and what it resolved to (streamq.sources)
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def eval_tokens(data: Path, tokenizer: Any | None) -> torch.Tensor:
-    """The evaluation stream as token ids. Text (JSONL documents joined by blank lines, as the
-    paper joins wikitext-2's lines with "\\n\\n") is tokenised once with the tokenizer's own
-    special tokens, as llm-awq's evaluation does; .pt/.npy files hold ids already."""
-    if not data.is_file():
-        raise CalibrationError(f"evaluation data {data} does not exist")
-    if data.suffix in (".pt", ".npy"):
-        return read_ids(data)
+def eval_tokens(data: str | Path, tokenizer: Any | None) -> torch.Tensor:
+    """The evaluation stream as token ids. Text (JSONL documents, or a data set's rows, joined by
+    blank lines, as the paper joins wikitext-2's lines with "\\n\\n") is tokenised once with the
+    tokenizer's own special tokens, as llm-awq's evaluation does; .pt/.npy files hold ids already."""
+    path = Path(data)
+    dataset = named(str(data)) if not path.is_file() else None
+    if dataset is None and not path.is_file():
+        raise CalibrationError(f"evaluation data {data} does not exist (nor is it a data set: {SPEC_HELP})")
+    if dataset is None and path.suffix in (".pt", ".npy"):
+        return read_ids(path)
     if tokenizer is None:
         raise CalibrationError("the model has no tokenizer files; pass token ids with --data FILE.pt or FILE.npy")
-    text = read_text(data)
+    text = evaluation_text(dataset) if dataset is not None else read_text(path)
     return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
 
 
@@ -154,7 +159,7 @@ def _lm_head_weight(reader: ShardReader, family: Family) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(
-    model_dir: str | Path,
+    model: str | Path,
     data: str | Path,
     seqlen: int = 2048,
     max_segments: int | None = None,
@@ -165,15 +170,16 @@ def perplexity(
     on_block: OnBlock | None = None,
     kernels: str = "auto",
     compute: str = "auto",
+    revision: str | None = None,
 ) -> PplResult:
-    """Perplexity of the checkpoint in model_dir (plain, or one of streamq's formats) on the text in `data`."""
+    """Perplexity of `model` (a checkpoint directory, a Hub id at `revision` or a short name;
+    plain, or one of streamq's formats) on the text in `data`."""
     start = time.time()
-    model_dir, data = Path(model_dir).resolve(), Path(data)
     if seqlen < 2:
         raise SettingsError(f"--seqlen must be at least 2, got {seqlen}")
-    reader = ShardReader(model_dir)
-    hf_config = load_config(model_dir)
-    family = detect(hf_config)
+    source = resolve(model, revision)
+    model_dir = source.path
+    reader, hf_config, family = open_checkpoint(model_dir)
     found = reading(hf_config)
     packed = (found[0], found[1]["w_bit"]) if found else None
     dev = resolve_device(device)
@@ -230,6 +236,7 @@ def perplexity(
         device=str(dev), compute_dtype=dtype_name(dtype), chunk_segments=chunk,
         hidden_storage="disk" if on_disk else "host", seconds=time.time() - start,
         peak_rss_bytes=peak_rss(), peak_gpu_bytes=peak_device(dev), kernels=ops.name,
+        source=source.to_json(),
     )
 
 
@@ -260,5 +267,4 @@ _DTYPE_NAMES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}
 
 def _stored_dtype(reader: ShardReader) -> str:
     """The floating-point storage of a plain checkpoint, e.g. "fp16" (or "bf16/fp32" if mixed)."""
-    dtypes = {info["dtype"] for header in reader.headers.values() for info in header.values()}
-    return "/".join(sorted(_DTYPE_NAMES[d] for d in dtypes if d in _DTYPE_NAMES))
+    return "/".join(sorted(_DTYPE_NAMES[d] for d in reader.stored_dtypes() if d in _DTYPE_NAMES))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from .families.base import LAYER_ADAPTERS
@@ -17,12 +17,10 @@ from .budget import forward_samples
 from .calib import calibration_blocks, tokens_digest
 from .checkpoint import write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
-from .families import detect
 from .families.base import eager_only
 from .formats import by_name, settle
 from .kernels import select as select_kernels
-from .models import check_output_dir, compute_dtype, load_tokenizer, prepare_output_dir, resolve_device
-from .shards import ShardReader
+from .models import check_output_dir, compute_dtype, load_tokenizer, open_checkpoint, prepare_output_dir, resolve_device
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
 
 
@@ -77,9 +75,7 @@ def quantize(
     dtype, kernels and forward-pass size resolve as in the engine, so both run the same ops."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    reader = ShardReader(model_dir)
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    family = detect(hf_config)
+    reader, hf_config, family = open_checkpoint(model_dir)
     dev = resolve_device(device)
     dtype = compute_dtype(dev, compute, reader.float_dtype())
     fmt = by_name(format)

@@ -1,154 +1,136 @@
-"""Memory-mapped safetensors reader: the index, shard headers, one block's tensors by prefix."""
+"""The mmap'd checkpoint reader: the index, each shard checked before any tensor is read, one
+block's tensors by prefix, under transformers' canonical names whatever the file type
+(sources.files) and whatever name variant the checkpoint was published with."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import torch
-from safetensors import safe_open
 
 from .errors import InputError
+from .sources.base import FLOAT_DTYPES, TensorInfo
+from .sources.files import find, no_weights_message, read_index
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-# Weight dtypes streamq reads (bytes per element); anything else is refused by name.
-DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "BOOL": 1, "U8": 1, "I8": 1}
-_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-def read_header(path: Path) -> bytes:
-    """The raw JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise InputError(f"{path} is not a safetensors file (shorter than its header length)")
-            (n,) = struct.unpack("<Q", head)
-            size = path.stat().st_size
-            if n > size - 8:
-                raise InputError(f"{path} has a corrupt header (length {n} past the end of a {size}-byte file)")
-            return f.read(n)
-    except OSError as exc:
-        raise InputError(f"cannot read shard {path}: {exc.strerror}") from None
-
-
-def validate_header(path: Path) -> dict[str, dict]:
-    """Parse and check a shard's header: known dtypes, sizes that match shapes, every tensor
-    inside the file, no two tensors overlapping. Returns {name: {dtype, shape, data_offsets}}."""
-    raw = read_header(path)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        raise InputError(f"{path} has a corrupt header (not a JSON object)") from None
-    header.pop("__metadata__", None)
-    data_len = path.stat().st_size - 8 - len(raw)
-    spans = []
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{path}: tensor {name} has a corrupt header entry") from None
-        if dtype not in DTYPE_BYTES:
-            raise InputError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * DTYPE_BYTES[dtype] or begin < 0:
-            raise InputError(f"{path}: tensor {name} spans {end - begin} bytes, its shape {shape} "
-                             f"{dtype} needs {numel * DTYPE_BYTES[dtype]}")
-        if end > data_len:
-            raise InputError(f"{path}: tensor {name} ends at byte {end} past the data ({data_len} bytes); "
-                             "the file is truncated")
-        spans.append((begin, end, name))
-    spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise InputError(f"{path}: tensors {n0} and {n1} overlap")
-    return header
+EQUAL_ROWS_BYTES = 64 << 20  # rows compared at a time when checking that a tied copy repeats its tensor
 
 
 class ShardReader:
-    """Tensor name -> shard file, opened lazily with safe_open (mmap): reading one tensor
-    touches only that tensor's pages."""
+    """Tensor name -> shard file, opened lazily (memory maps): reading one tensor touches only
+    that tensor's pages.
 
-    def __init__(self, model_dir: str | Path):
+    `renames` are the family's (as published, canonical) name prefixes, e.g. OPT's
+    ("decoder.", "model.decoder."); `tied` maps a canonical name to the tensor it repeats when the
+    config ties them (lm_head.weight -> the embedding): a stored copy is dropped where it is the
+    same storage or holds the same values, as transformers ties it then, so the engine and the
+    output see the names save_pretrained writes."""
+
+    def __init__(self, model_dir: str | Path, renames: Iterable[tuple[str, str]] = (),
+                 tied: Mapping[str, str] | None = None):
         self.model_dir = Path(model_dir)
-        index = self.model_dir / INDEX_NAME
-        single = self.model_dir / SINGLE_NAME
+        kind = find(self.model_dir)
+        if kind is None:
+            names = [p.name for p in self.model_dir.iterdir()] if self.model_dir.is_dir() else []
+            where = str(self.model_dir) if self.model_dir.is_dir() else f"{self.model_dir} (no such directory)"
+            raise InputError(no_weights_message(where, names))
+        self.kind = kind
+        index = self.model_dir / kind.index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(f"{index} is not a valid safetensors index") from None
-            self.files = {name: self.model_dir / f for name, f in weight_map.items()}
-        elif single.is_file():
-            self.files = {name: single for name in validate_header(single)}
+            stored = {name: self.model_dir / f for name, f in read_index(index).items()}
         else:
-            raise InputError(f"{self.model_dir} has neither {INDEX_NAME} nor {SINGLE_NAME}")
-        self.headers: dict[Path, dict[str, dict]] = {}
-        for shard in sorted(set(self.files.values())):
+            single = self.model_dir / kind.single_name
+            stored = {name: single for name in kind.tensors(single)}
+        self.infos: dict[Path, dict[str, TensorInfo]] = {}
+        for shard in sorted(set(stored.values())):
             if not shard.is_file():
-                raise InputError(f"shard {shard.name} named in {INDEX_NAME} is missing from {self.model_dir}")
-            self.headers[shard] = validate_header(shard)
-        for name, shard in self.files.items():
-            if name not in self.headers[shard]:
+                raise InputError(f"shard {shard.name} named in {index.name} is missing from {self.model_dir}")
+            self.infos[shard] = kind.tensors(shard)
+        for name, shard in stored.items():
+            if name not in self.infos[shard]:
                 raise InputError(f"tensor {name} is missing from shard {shard.name}")
+        self._stored: dict[str, str] = {}  # canonical name -> the name in its file
+        self.files: dict[str, Path] = {}  # canonical name -> its file
+        for name, shard in stored.items():
+            canonical = canonical_name(name, renames)
+            if canonical in self.files:
+                raise InputError(f"{self.model_dir} holds both {self._stored[canonical]} and {name}, one tensor "
+                                 "under two names")
+            self._stored[canonical], self.files[canonical] = name, shard
         self._handles: dict[Path, object] = {}
-
-    @staticmethod
-    def _open(path: Path):
-        try:
-            return safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for bad files
-            raise InputError(f"cannot open shard {path}: {exc}") from None
+        for alias, target in (tied or {}).items():
+            if alias in self.files and target in self.files and self._repeats(alias, target):
+                del self.files[alias], self._stored[alias]
+        self.release()
 
     def _handle(self, path: Path):
         if path not in self._handles:
-            self._handles[path] = self._open(path)
+            self._handles[path] = self.kind.open(path)
         return self._handles[path]
 
     def release(self) -> None:
         """Unmap every shard: pages read so far stop counting toward this process's RSS."""
         self._handles.clear()
 
+    def info(self, name: str) -> TensorInfo:
+        return self.infos[self.files[name]][self._stored[name]]
+
+    def _repeats(self, alias: str, target: str) -> bool:
+        """Whether `alias` holds exactly `target`: the same storage (a pickle's tie), else the
+        same values, compared a few rows at a time."""
+        a, b = self.info(alias), self.info(target)
+        if (a.dtype, a.shape) != (b.dtype, b.shape):
+            return False
+        if a.storage is not None and self.files[alias] == self.files[target] and a.storage == b.storage:
+            return True
+        if len(a.shape) == 0:
+            return torch.equal(self.get(alias), self.get(target))
+        rows = max(1, EQUAL_ROWS_BYTES * a.shape[0] // max(1, a.nbytes))
+        ha, hb = self._handle(self.files[alias]), self._handle(self.files[target])
+        for start in range(0, a.shape[0], rows):
+            if not torch.equal(ha.rows(self._stored[alias], start, start + rows),
+                               hb.rows(self._stored[target], start, start + rows)):
+                return False
+        return True
+
     def names(self) -> list[str]:
         return sorted(self.files)
 
     def dtype(self, name: str) -> torch.dtype | None:
-        """A tensor's dtype from its shard's header (None for a non-float one); nothing read."""
-        return _FLOAT_DTYPES.get(self.headers[self.files[name]][name]["dtype"])
+        """A tensor's dtype from its file's header (None for a non-float one); nothing read."""
+        return FLOAT_DTYPES.get(self.info(name).dtype)
 
     def shards(self) -> list[Path]:
-        return sorted(set(self.files.values()))
+        return sorted(self.infos)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
             raise InputError(f"tensor {name} is missing from {self.model_dir}")
-        return self._handle(self.files[name]).get_tensor(name)
+        return self._handle(self.files[name]).get(self._stored[name])
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors whose names start with prefix, keyed by the rest of the name."""
         return {n[len(prefix):]: self.get(n) for n in self.names() if n.startswith(prefix)}
 
+    def stored_dtypes(self) -> set[str]:
+        """The dtypes the read tensors are stored in (safetensors' names: F16, BF16, ...)."""
+        return {self.info(name).dtype for name in self.files}
+
     def float_dtype(self) -> torch.dtype | None:
         """The floating-point dtype holding most of the checkpoint's bytes (from the headers,
         nothing read): what the weights were trained and published in."""
         sizes: dict[str, int] = {}
-        for header in self.headers.values():
-            for info in header.values():
-                if info["dtype"] in _FLOAT_DTYPES:
-                    begin, end = info["data_offsets"]
-                    sizes[info["dtype"]] = sizes.get(info["dtype"], 0) + end - begin
-        return _FLOAT_DTYPES[max(sizes, key=sizes.get)] if sizes else None
+        for name in self.files:
+            info = self.info(name)
+            if info.dtype in FLOAT_DTYPES:
+                sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
+        return FLOAT_DTYPES[max(sizes, key=sizes.get)] if sizes else None
 
     def fingerprint(self) -> str:
-        """sha256 over config.json and each shard's name, size and header: changes when the
-        weights' layout or any file size changes, computed without reading the weights."""
+        """sha256 over config.json and each shard's name, size and what identifies its tensors
+        (a safetensors header, a pickle's zip directory with each record's CRC-32): changes when
+        the weights' layout or any file size changes, computed without reading the weights."""
         h = hashlib.sha256()
         config = self.model_dir / "config.json"
         if config.is_file():
@@ -156,5 +138,14 @@ class ShardReader:
         for shard in self.shards():
             h.update(shard.name.encode())
             h.update(str(shard.stat().st_size).encode())
-            h.update(read_header(shard))
+            h.update(self.kind.fingerprint(shard))
         return h.hexdigest()
+
+
+def canonical_name(name: str, renames: Iterable[tuple[str, str]]) -> str:
+    """A checkpoint's tensor name under transformers' names: the first matching published
+    prefix replaced by its canonical one."""
+    for published, canonical in renames:
+        if name.startswith(published):
+            return canonical + name[len(published):]
+    return name

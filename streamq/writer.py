@@ -15,7 +15,7 @@ import torch
 
 from . import faults
 from .errors import DiskFullError, ResumeError
-from .shards import INDEX_NAME
+from .sources.safetensors import INDEX_NAME
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 

@@ -62,8 +62,14 @@ def test_recipe_switches_reach_the_run(tiny_models, tmp_path):
 
 
 def test_missing_model_dir(tmp_path):
-    assert_clean_error(invoke("run", "--model", tmp_path / "nope", "--output", tmp_path / "o"),
-                       "has neither model.safetensors.index.json nor model.safetensors")
+    assert_clean_error(invoke("run", "--model", tmp_path / "nope", "--output", tmp_path / "o"), "no such directory")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text('{"model_type": "opt"}')
+    (tmp_path / "empty" / "model.gguf").write_bytes(b"GGUF")
+    assert_clean_error(invoke("run", "--model", tmp_path / "empty", "--output", tmp_path / "o"),
+                       "holds no weights streamq reads (model.safetensors / model.safetensors.index.json or "
+                       "pytorch_model.bin / pytorch_model.bin.index.json); it has model.gguf")
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_shard(tiny_models, tmp_path):

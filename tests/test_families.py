@@ -79,3 +79,40 @@ def test_groups_that_cannot_be_folded_are_skipped_and_recorded(tiny_models, tmp_
             assert "grouped-query attention (2 key/value heads for 4 query heads)" in info["skipped_scale_groups"][0]
     phi3 = json.loads((tmp_path / "phi3" / "streamq.json").read_text())["scale_groups"]
     assert "self_attn.qkv_proj[256:384] -> self_attn.o_proj" in phi3 and "mlp.gate_up_proj[256:512] -> mlp.down_proj" in phi3
+
+
+def test_post_norm_opt_folds_only_what_is_exact(tmp_path):
+    """opt-350m normalises after attention and after the MLP: a norm's output also feeds the
+    residual sum, so only v -> out_proj and fc1 -> fc2 take scales. Those fold exactly; folding
+    one into self_attn_layer_norm (what a pre-norm OPT does) would change the block's output.
+    The streamed run equals the unstreamed reference byte for byte."""
+    import copy
+
+    from helpers import checkpoint_bytes
+    from make_published import OPT_350M
+    from make_tiny_model import make_tiny
+    from streamq import engine, reference
+    from streamq.config import CalibConfig, QuantConfig
+    from streamq.search import ScaleRecord, apply_scale
+
+    path = make_tiny(tmp_path / "opt350", "opt", hidden=128, ffn=256, seed=7, config_extra=OPT_350M)
+    s = setup_model(path, n_samples=2)
+    assert [g.prev_op for g in s.family.scale_groups(s.config)] == ["self_attn.v_proj", "fc1"]
+    assert len(s.family.skipped_groups(s.config)) == 2
+    block, ref = s.layers[0], copy.deepcopy(s.layers[0])
+    g = torch.Generator().manual_seed(5)
+
+    def out(b):
+        with torch.no_grad():
+            return run_module(b, s.x_chunks[0], s.kwargs)
+
+    for group in s.family.scale_groups(s.config):
+        apply_scale(block, ScaleRecord(group.prev_op, group.linears, torch.rand(block.get_submodule(
+            group.linears[0]).in_features, generator=g) * 3 + 0.2))
+    torch.testing.assert_close(out(block), out(ref), rtol=1e-4, atol=1e-5)
+    apply_scale(block, ScaleRecord("self_attn_layer_norm", ("fc1",), torch.rand(128, generator=g) * 3 + 0.2))
+    assert not torch.allclose(out(block), out(ref), rtol=1e-2, atol=1e-3)
+    calib = CalibConfig(n_samples=4, seqlen=32)
+    reference.quantize(path, tmp_path / "ref", QuantConfig(group_size=64), calib, chunk_samples=2, device="cpu")
+    engine.quantize(path, tmp_path / "stream", QuantConfig(group_size=64), calib, device="cpu")
+    assert checkpoint_bytes(tmp_path / "stream") == checkpoint_bytes(tmp_path / "ref")

@@ -69,19 +69,22 @@ def make_tiny(
     seed: int = 0,
     tokenizer: bool = True,
     max_shard_size: str = "200KB",
+    config_extra: dict | None = None,
 ) -> Path:
     """A random fp16 model. `outlier_channels` input channels of every norm get `outlier_gain`
     times the weight, planting the salient activation channels AWQ is designed around. The
     families beyond OPT and LLaMA use a sliding window shorter than the tests' samples (48
-    tokens) where they have one, so their masks are exercised."""
+    tokens) where they have one, so their masks are exercised. `config_extra` overrides config
+    settings (OPT: word_embed_proj_dim, do_layer_norm_before, as opt-350m has them)."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     out = Path(out)
     torch.manual_seed(seed)
     if family == "opt":
-        config = OPTConfig(hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers,
-                           num_attention_heads=heads, vocab_size=vocab, max_position_embeddings=1024,
-                           word_embed_proj_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        config = OPTConfig(**{"hidden_size": hidden, "ffn_dim": ffn, "num_hidden_layers": layers,
+                              "num_attention_heads": heads, "vocab_size": vocab, "max_position_embeddings": 1024,
+                              "word_embed_proj_dim": hidden, "bos_token_id": 0, "eos_token_id": 1,
+                              "pad_token_id": 1, **(config_extra or {})})
         model = OPTForCausalLM(config)
         norms = ("self_attn_layer_norm", "final_layer_norm")
         blocks = model.model.decoder.layers

@@ -4,6 +4,10 @@ shape plus the paper's ablation rows), results.json and ppl_vs_bits.png (needs m
 
     python tools/results_table.py --model models/smollm2-135m --name SmolLM2-135M --group-size 64 \\
         --work /tmp/results --out docs/results
+    python tools/results_table.py --model opt-1.3b --name OPT-1.3B --data wikitext2 --calib pileval ...
+
+--model takes what `streamq run` takes (a directory, a Hub id, a short name); --data and --calib
+a file or a data set by name.
 
 Finished entries are kept in WORK/entries.json and skipped when the script runs again.
 """
@@ -22,13 +26,20 @@ import torch
 from streamq import assets, engine
 from streamq.config import CalibConfig, QuantConfig
 from streamq.ppl import perplexity
+from streamq.sources import resolve
 
 MODES = ("rtn", "s2", "awq")
 LABELS = {"fp16": "FP16", "rtn": "RTN", "s2": "s=2 (1% salient)", "awq": "AWQ"}
 
 
 def checkpoint_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    return sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def describe(data: str) -> str:
+    """A text file by name and hash, a data set by name."""
+    path = Path(data)
+    return f"`{path.name}` (sha256 {assets.sha256_text(path)[:16]}…)" if path.is_file() else f"data set `{data}`"
 
 
 def run_entries(args: argparse.Namespace) -> dict[str, dict]:
@@ -43,10 +54,10 @@ def run_entries(args: argparse.Namespace) -> dict[str, dict]:
             print(f"{key}: kept from {entries_path}")
             continue
         t0 = time.time()
-        model_dir = args.model
+        model_dir = args.source.path
         if mode != "fp16":
             model_dir = args.work / key
-            engine.quantize(args.model, model_dir, QuantConfig(w_bit=bits, group_size=args.group_size, mode=mode),
+            engine.quantize(args.source.path, model_dir, QuantConfig(w_bit=bits, group_size=args.group_size, mode=mode),
                             calib, device=args.device, overwrite=True)
         quant_seconds = time.time() - t0
         result = perplexity(model_dir, args.data, seqlen=args.seqlen, max_segments=args.max_segments,
@@ -67,9 +78,9 @@ def markdown(args: argparse.Namespace, entries: dict[str, dict]) -> str:
     lines = [
         f"# Results: {args.name}",
         "",
-        f"Perplexity on {any_entry['segments']} segments x {any_entry['seqlen']} tokens of `{args.data.name}` "
-        f"(sha256 {assets.sha256_text(args.data)[:16]}…); calibration {args.n_samples} x {args.calib_seqlen} "
-        f"tokens of `{args.calib.name}`, a different source; group size {args.group_size}, zero point. "
+        f"Perplexity on {any_entry['segments']} segments x {any_entry['seqlen']} tokens of {describe(args.data)}; "
+        f"calibration {args.n_samples} x {args.calib_seqlen} tokens of {describe(args.calib)}, a different "
+        f"source; group size {args.group_size}, zero point; model {args.model}. "
         f"Measured by `tools/results_table.py` on {platform.node() or 'this machine'} "
         f"({os.cpu_count()} CPUs, device {args.device}, torch {torch.__version__}), {time.strftime('%Y-%m-%d')}.",
         "",
@@ -117,23 +128,27 @@ def plot(args: argparse.Namespace, entries: dict[str, dict], path: Path) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", required=True, help="a checkpoint directory, a Hub id or a short name")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub id")
     parser.add_argument("--name", required=True, help="the model's name in the table")
     parser.add_argument("--work", type=Path, required=True, help="quantized checkpoints and finished entries")
     parser.add_argument("--out", type=Path, required=True, help="directory for results.md/.json and the plot")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--calib", type=Path, default=None, help="default: the built-in Python reference text")
+    parser.add_argument("--calib", default=None, help="a file or a data set by name; default: the built-in "
+                        "Python reference text")
     parser.add_argument("--n-samples", type=int, default=128)
     parser.add_argument("--calib-seqlen", type=int, default=512)
-    parser.add_argument("--data", type=Path, default=None, help="default: the docutils documentation text")
+    parser.add_argument("--data", default=None, help="a file or a data set by name (wikitext2); default: the "
+                        "docutils documentation text")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--max-segments", type=int, default=None)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    args.calib = args.calib or assets.calibration_text()
-    args.data = args.data or assets.evaluation_text()
+    args.calib = args.calib or str(assets.calibration_text())
+    args.data = args.data or str(assets.evaluation_text())
+    args.source = resolve(args.model, args.revision)
     entries = run_entries(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(markdown(args, entries))

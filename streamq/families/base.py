@@ -62,12 +62,20 @@ class Family:
     norm_offset: float = 0.0  # the norms compute x * (norm_offset + w): Gemma's 1 + w
     # the logits are soft-capped, cap * tanh(logits / cap) (Gemma 2), from the config
     logit_softcap: Callable[[Any], float | None] = field(default=lambda config: None)
+    # name prefixes checkpoints are published with beside transformers' own, (as published,
+    # canonical): OPT-6.7b/13b/30b/350m were saved from the base model as decoder.*
+    checkpoint_prefixes: tuple[tuple[str, str], ...] = ()
 
     def n_layers(self, config: Any) -> int:
         return int(config.num_hidden_layers)
 
     def block_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}.{index}."
+
+    def tied_names(self, config: Any) -> dict[str, str]:
+        """Names a checkpoint may carry as a copy of another tensor when the config ties them:
+        lm_head repeats the token embedding (tie_word_embeddings, transformers' default)."""
+        return {"lm_head.weight": self.embed_weight} if getattr(config, "tie_word_embeddings", False) else {}
 
 
 MODELING_MODULE = {"gemma3_text": "gemma3"}  # model types whose classes live in another model's module

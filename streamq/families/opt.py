@@ -12,13 +12,26 @@ from .base import Family, ScaleGroup
 
 
 def _scale_groups(config: Any) -> list[ScaleGroup]:
+    pre_norm = config.do_layer_norm_before
     return [
-        ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                   "self_attn", inspect_takes_block_kwargs=True),
+        *([ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                      "self_attn", inspect_takes_block_kwargs=True)] if pre_norm else []),
         ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
-        ScaleGroup("final_layer_norm", ("fc1",), "fc1"),
+        *([ScaleGroup("final_layer_norm", ("fc1",), "fc1")] if pre_norm else []),
         ScaleGroup("fc1", ("fc2",), "fc2"),
     ]
+
+
+def _skipped_groups(config: Any) -> list[str]:
+    """opt-350m normalises after attention and after the MLP (do_layer_norm_before false): q/k/v
+    read the block's input and fc1 reads self_attn_layer_norm's output, and both also feed the
+    residual sum, so a scale folded into the norm before them would change the residual too."""
+    if config.do_layer_norm_before:
+        return []
+    return ["self_attn.q_proj, self_attn.k_proj, self_attn.v_proj: norms after attention (do_layer_norm_before "
+            "false), so they read the block's input, which also feeds the residual sum",
+            "self_attn_layer_norm -> fc1: norms after attention (do_layer_norm_before false), so its output also "
+            "feeds the residual sum"]
 
 
 def _block_kwargs(config: Any, seqlen: int, device: torch.device, dtype: torch.dtype, index: int = 0) -> dict:
@@ -75,4 +88,6 @@ OPT = Family(
     final=_final,
     embed_weight="model.decoder.embed_tokens.weight",
     extra_linears=_extra_linears,
+    skipped_groups=_skipped_groups,
+    checkpoint_prefixes=(("decoder.", "model.decoder."),),
 )
