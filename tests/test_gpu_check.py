@@ -72,6 +72,8 @@ def test_wide_stages_run_both_budgets_byte_identical(cpu_run, name):
         assert run["peak_allocated_bytes"] is None and run["peak_rss_bytes"] > 0  # a CPU run
     if name == "llama-3-70b":
         assert stage["shape"]["kv_heads"] == 2  # grouped-query attention, as LLaMA-3-70B's 8 of 64
+    if name == "opt-30b":  # the headline command on the layout facebook/opt-30b is published in
+        assert stage["model"] == "facebook/opt-30b" and stage["shape"]["published"] == "facebook/opt-30b"
 
 
 def test_a_broken_stage_does_not_stop_the_others(tmp_path):

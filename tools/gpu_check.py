@@ -67,16 +67,19 @@ class Wide:
     heads: int
     kv_heads: int | None = None
     tight: str = "6GB"  # a budget that forces activations to stream from pinned host memory
+    # a Hub id: the model is written as that repository is published (.bin, decoder.*, no lm_head)
+    # into a local Hub cache and quantized by that id, offline, as a user types it
+    published: str | None = None
 
 
 # real widths; --small replaces them with tiny ones of the same family and attention layout
 WIDE = {
-    "opt-30b": Wide("opt", 7168, 28672, 56),
+    "opt-30b": Wide("opt", 7168, 28672, 56, published="facebook/opt-30b"),
     "llama-2-7b": Wide("llama", 4096, 11008, 32, tight="3GB"),  # at 6GB its activations stay on the device
     "llama-3-70b": Wide("llama", 8192, 28672, 64, 8),
 }
 WIDE_SMALL = {
-    "opt-30b": Wide("opt", 256, 1024, 4),
+    "opt-30b": Wide("opt", 256, 1024, 4, published="facebook/opt-30b"),
     "llama-2-7b": Wide("llama", 256, 512, 4),
     "llama-3-70b": Wide("llama", 256, 768, 8, 2),
 }
@@ -109,8 +112,8 @@ def sh(cmd: list[str], timeout: float, log: Path | None = None, env: dict | None
     return rc, time.time() - start, out[-3000:]
 
 
-def streamq(*args, timeout: float, log: Path) -> tuple[int, float, str]:
-    return sh([sys.executable, "-m", "streamq", *map(str, args)], timeout, log)
+def streamq(*args, timeout: float, log: Path, env: dict | None = None) -> tuple[int, float, str]:
+    return sh([sys.executable, "-m", "streamq", *map(str, args)], timeout, log, env)
 
 
 def output_digest(out: Path) -> dict[str, str]:
@@ -346,14 +349,20 @@ def stage_wide(name: str, method: str = "awq"):
 
         cfg = settings(args)
         spec = (WIDE_SMALL if args.small else WIDE)[name]
+        from make_published import to_cache
+
         model = work / f"model-{name}"
         t0 = time.time()
         if not (model / "config.json").is_file():
             write(model, spec.family, cfg["layers"], spec.hidden, spec.ffn, spec.heads, cfg["vocab"], 0,
-                  spec.kv_heads, "cuda" if args.device == "cuda" else "cpu")
+                  spec.kv_heads, "cuda" if args.device == "cuda" else "cpu", published=spec.published is not None)
+        asked, env = model, None
+        if spec.published:  # the headline command on the headline layout: by Hub id, from the cache, offline
+            model = to_cache(model, spec.published, work / "hub", move=True)
+            asked, env = spec.published, {"HF_HUB_CACHE": str(work / "hub"), "HF_HUB_OFFLINE": "1"}
         written = time.time() - t0
         ids = calibration_ids(work, cfg["n_samples"] * cfg["seqlen"] * 2, cfg["vocab"])
-        result: dict = {"shape": vars(spec), "method": method, "layers": cfg["layers"],
+        result: dict = {"shape": vars(spec), "model": str(asked), "method": method, "layers": cfg["layers"],
                         "calibration": f"{cfg['n_samples']} x "
                         f"{cfg['seqlen']}", "write_seconds": round(written, 1), "runs": {}}
         digests = {}
@@ -361,11 +370,11 @@ def stage_wide(name: str, method: str = "awq"):
             spec_budget = spec.tight if label == "tight" and not args.small else cfg[label]
             budget = budget_bytes(spec_budget, model, cfg["n_samples"], cfg["seqlen"], args.device)
             out = work / f"out-{name}-{method}-{label}"
-            rc, secs, tail = streamq("run", "--model", model, "--output", out, "--overwrite", "--calib", ids,
+            rc, secs, tail = streamq("run", "--model", asked, "--output", out, "--overwrite", "--calib", ids,
                                      "--method", method,
                                      "--n-samples", cfg["n_samples"], "--seqlen", cfg["seqlen"], "--device",
                                      args.device, "--max-gpu-mem", budget, "--kernels", args.kernels,
-                                     timeout=remaining(deadline), log=log)
+                                     timeout=remaining(deadline), log=log, env=env)
             if rc != 0:
                 result["runs"][label] = {"budget_bytes": budget, "exit": rc, "error": tail[-600:]}
                 continue
@@ -395,7 +404,8 @@ def stage_wide(name: str, method: str = "awq"):
         result.update(within_budget=within, within_plan=planned)
         result["ok"] = result["identical"] and within and all("error" not in r for r in runs.values())
         if not args.keep:
-            for path in [model, *(work / f"out-{name}-{method}-{label}" for label in ("roomy", "tight"))]:
+            cache = [work / "hub"] if spec.published else []
+            for path in [model, *cache, *(work / f"out-{name}-{method}-{label}" for label in ("roomy", "tight"))]:
                 shutil.rmtree(path, ignore_errors=True)
         return result
     return run

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
+PUBLISHED_INDEX = "pytorch_model.bin.index.json"
 
 
 def opt_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int) -> dict:
@@ -108,7 +109,10 @@ def opt_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator, kv: int
 
 
 def write(out: Path, family: str, layers: int, hidden: int, ffn: int, heads: int, vocab: int, seed: int,
-          kv_heads: int | None = None, gen_device: str = "cpu") -> None:
+          kv_heads: int | None = None, gen_device: str = "cpu", published: bool = False) -> None:
+    """The model in `out`, one block per shard. `published` (OPT): as facebook/opt-30b is
+    published, PyTorch zip pickles pytorch_model-0000K-of-0000N.bin with their index, names
+    decoder.* (saved from the base model), no lm_head (tools/make_published.py's layouts)."""
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=gen_device).manual_seed(seed)
     weight_map: dict[str, str] = {}
@@ -125,21 +129,30 @@ def write(out: Path, family: str, layers: int, hidden: int, ffn: int, heads: int
                 "model.decoder.final_layer_norm.weight": torch.ones(hidden, dtype=torch.float16),
                 "model.decoder.final_layer_norm.bias": torch.zeros(hidden, dtype=torch.float16)}
         config, make_block = opt_config(layers, hidden, ffn, heads, vocab), opt_block_tensors
-    shards = [("model-embed.safetensors", head)]
-    save_file(head, str(out / shards[0][0]), metadata={"format": "pt"})
-    weight_map.update({k: shards[0][0] for k in head})
+    if published and family != "opt":
+        raise ValueError("the published layout is OPT's")
+    n = layers + 1
+
+    def save(k: int, tensors: dict[str, torch.Tensor]) -> None:
+        if published:
+            name = f"pytorch_model-{k + 1:05d}-of-{n:05d}.bin"
+            tensors = {key[len("model."):]: t for key, t in tensors.items()}
+            torch.save(tensors, out / name)
+        else:
+            name = "model-embed.safetensors" if k == 0 else f"model-block{k - 1:03d}.safetensors"
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in tensors})
+
+    save(0, head)
     for i in range(layers):
-        name = f"model-block{i:03d}.safetensors"
-        tensors = make_block(i, hidden, ffn, g, kv)
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
+        save(i + 1, make_block(i, hidden, ffn, g, kv))
         print(f"wrote block {i}", flush=True)
-    finish(out, config, weight_map)
+    finish(out, config, weight_map, PUBLISHED_INDEX if published else INDEX)
 
 
-def finish(out: Path, config: dict, weight_map: dict[str, str]) -> None:
+def finish(out: Path, config: dict, weight_map: dict[str, str], index: str = INDEX) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    (out / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
 
 
 def subset(src: Path, out: Path, layers: int) -> None:
@@ -190,12 +203,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gen-device", default="cpu", help="where the random numbers are drawn (cpu or cuda)")
+    parser.add_argument("--published", action="store_true", help="OPT: .bin shards, decoder.* names, as opt-30b is "
+                        "published")
     args = parser.parse_args()
     if args.src:
         subset(args.src, args.out, args.layers)
     else:
         write(args.out, args.family, args.layers, args.hidden, args.ffn, args.heads, args.vocab, args.seed,
-              args.kv_heads, args.gen_device)
+              args.kv_heads, args.gen_device, args.published)
 
 
 if __name__ == "__main__":
