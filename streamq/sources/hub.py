@@ -86,8 +86,9 @@ def snapshot(asked: str, repo: str, revision: str | None = None) -> Source:
         return Source(asked, folder, repo, revision, folder.name)
     if offline():
         held = "" if folder is None else f" (it holds {folder.name[:12]} without {_lacking(folder)})"
-        raise InputError(f"{repo} at {revision} is not in the Hub cache {cache}{held} and HF_HUB_OFFLINE is set; "
-                         f"run once online (streamq downloads only what it reads), or: hf download {repo}")
+        raise InputError(f"{repo} is no local directory, and at {revision} it is not in the Hub cache {cache}{held}; "
+                         "HF_HUB_OFFLINE is set: run once online (streamq downloads only what it reads), or: "
+                         f"hf download {repo}")
     folder = _download(repo, revision, cache)
     if not complete(folder):
         raise InputError(f"the download of {repo} left {folder} without {_lacking(folder)}; run the same command "
