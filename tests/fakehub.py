@@ -24,6 +24,7 @@ class FakeHub:
         self.fail = dict(fail or {})
         self.gated = set(gated)
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
+        self.sent: list[str] = []  # files whose bytes went out whole
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,11 +52,13 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def fetched(self) -> list[str]:
-        """Files asked for (GET on resolve), in order; the log is then emptied."""
-        names = [p.rsplit("/", 1)[-1] for m, p, _ in self.log if m == "GET" and "/resolve/" in p]
+    def fetched(self) -> tuple[list[str], list[str]]:
+        """(files asked for, files sent whole) since the last call, each in order."""
+        asked = [p.rsplit("/", 1)[-1] for m, p, _ in self.log if m == "GET" and "/resolve/" in p]
+        sent = list(self.sent)
         self.log.clear()
-        return names
+        self.sent.clear()
+        return asked, sent
 
     def serve(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         path = unquote(urlparse(h.path).path)
@@ -119,3 +122,4 @@ class FakeHub:
         if not body:
             return
         h.wfile.write(data[start:])
+        self.sent.append(name)
