@@ -17,7 +17,7 @@ from .errors import NumericError
 from .families import Family
 from .formats import Format
 from .shards import ShardReader
-from .writer import ShardWriter, write_json_atomic
+from .writer import ShardWriter, disk_full_guard, write_json_atomic
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -100,8 +100,12 @@ def write_metadata(
     source: dict | None = None,
     extra: dict | None = None,
 ) -> None:
-    write_json_atomic(out_dir / "config.json", output_config(model_dir, fmt, qcfg, family.extra_linears(hf_config)))
-    copied = copy_extras(model_dir, out_dir)
+    # a full disk here is one line, and the run stays resumable (the journal is not complete yet)
+    with disk_full_guard(out_dir / "config.json.tmp", out_dir):
+        write_json_atomic(out_dir / "config.json", output_config(model_dir, fmt, qcfg,
+                                                                 family.extra_linears(hf_config)))
+    with disk_full_guard(out_dir, out_dir, remove=False):
+        copied = copy_extras(model_dir, out_dir)
     keep1 = qcfg.mode == "keep1"
     storage = f"fake-quant-{'bf16' if qcfg.storage_dtype == 'bfloat16' else 'fp16'}" if keep1 else fmt.storage
     info = {
@@ -124,4 +128,5 @@ def write_metadata(
     if qcfg.w_bit == 3 and fmt.name == "awq" and not keep1:
         info["packing"] = INT3_PACKING
     info.update(extra or {})
-    write_json_atomic(out_dir / "streamq.json", info)
+    with disk_full_guard(out_dir / "streamq.json.tmp", out_dir):
+        write_json_atomic(out_dir / "streamq.json", info)

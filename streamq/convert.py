@@ -19,8 +19,7 @@ from .checkpoint import INT3_PACKING, copy_extras, output_config, storable, writ
 from .config import QuantConfig
 from .errors import InputError, NumericError, OutputError
 from .formats import Format, by_name, linear_tensors, reading
-from .journal import status as journal_status
-from .models import check_output_dir, dtype_name, open_checkpoint, prepare_output_dir
+from .models import claim_output_dir, dtype_name, open_checkpoint
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter, write_json_atomic
 
 
@@ -78,10 +77,6 @@ def convert(in_dir: str | Path, out_dir: str | Path, format: str, shard_bytes: i
         raise InputError(f"{in_dir} is not a directory")
     if out_dir.exists() and out_dir.resolve() == in_dir:
         raise OutputError("the output directory must differ from the input")
-    run = journal_status(in_dir)
-    if run is not None and not run.complete:
-        raise InputError(f"{in_dir} holds an unfinished run ({run.done} of {run.total} blocks); finish it first: "
-                         f"streamq resume {in_dir}")
     reader, hf_config, family = open_checkpoint(in_dir)
     found = reading(hf_config)
     if found is None:
@@ -92,47 +87,49 @@ def convert(in_dir: str | Path, out_dir: str | Path, format: str, shard_bytes: i
     qcfg = dataclasses.replace(qcfg, storage_dtype=dtype_name(dst.storage_dtype(reader.float_dtype())))
     if qcfg.w_bit > dst.max_bits:
         raise InputError(f"--format {dst.name} holds at most {dst.max_bits} bits per weight; {in_dir} has {qcfg.w_bit}")
-    check_output_dir(out_dir, overwrite)
-    prepare_output_dir(out_dir, overwrite)
-    writer = ShardWriter(out_dir, shard_bytes)
-    n_layers = family.n_layers(hf_config)
-    n_linears = n_tensors = 0
-    if on_block:
-        on_block(0, n_layers)
-    for i in range(n_layers):
-        prefix = family.block_prefix(i)
-        raw = reader.with_prefix(prefix)
-        linears = linear_tensors(src, list(raw))
-        out: dict[str, torch.Tensor] = {}
-        consumed = set()
-        for base, names in linears.items():
-            tensors = {suffix: raw[name] for suffix, name in names.items()}
-            for suffix, t in convert_linear(src, dst, tensors, qcfg, prefix + base).items():
-                out[f"{base}.{suffix}"] = t
-            consumed.update(names.values())
-        for name, t in raw.items():
-            if name not in consumed:
-                out[name] = storable(prefix + name, t, qcfg.storage_torch_dtype)
-        for name, t in sorted(out.items()):  # a run's order: each block's tensors sorted
-            writer.add(prefix + name, t)
-        n_linears, n_tensors = n_linears + len(linears), n_tensors + len(out)
-        del raw, out
-        reader.release()
+    held = claim_output_dir(out_dir, overwrite)  # the output folder's lock, held to the end
+    try:
+        writer = ShardWriter(out_dir, shard_bytes)
+        n_layers = family.n_layers(hf_config)
+        n_linears = n_tensors = 0
         if on_block:
-            on_block(i + 1, n_layers)
-    write_non_block_tensors(reader, family, writer, qcfg.storage_torch_dtype)
-    n_tensors += sum(not name.startswith(family.layers_prefix + ".") for name in reader.names())
-    reader.release()
-    writer.finish()
-    write_json_atomic(out_dir / "config.json", output_config(in_dir, dst, qcfg, family.extra_linears(hf_config)))
-    copied = copy_extras(in_dir, out_dir)
-    record = dict(info or {"family": family.name})
-    record.update(format=dst.name, storage=dst.storage, quant=qcfg.to_json(),
-                  converted_from={"path": str(in_dir), "format": src.name, "files_copied": copied})
-    record.pop("packing", None)
-    if qcfg.w_bit == 3 and dst.name == "awq":
-        record["packing"] = INT3_PACKING
-    write_json_atomic(out_dir / "streamq.json", record)
+            on_block(0, n_layers)
+        for i in range(n_layers):
+            prefix = family.block_prefix(i)
+            raw = reader.with_prefix(prefix)
+            linears = linear_tensors(src, list(raw))
+            out: dict[str, torch.Tensor] = {}
+            consumed = set()
+            for base, names in linears.items():
+                tensors = {suffix: raw[name] for suffix, name in names.items()}
+                for suffix, t in convert_linear(src, dst, tensors, qcfg, prefix + base).items():
+                    out[f"{base}.{suffix}"] = t
+                consumed.update(names.values())
+            for name, t in raw.items():
+                if name not in consumed:
+                    out[name] = storable(prefix + name, t, qcfg.storage_torch_dtype)
+            for name, t in sorted(out.items()):  # a run's order: each block's tensors sorted
+                writer.add(prefix + name, t)
+            n_linears, n_tensors = n_linears + len(linears), n_tensors + len(out)
+            del raw, out
+            reader.release()
+            if on_block:
+                on_block(i + 1, n_layers)
+        write_non_block_tensors(reader, family, writer, qcfg.storage_torch_dtype)
+        n_tensors += sum(not name.startswith(family.layers_prefix + ".") for name in reader.names())
+        reader.release()
+        writer.finish()
+        write_json_atomic(out_dir / "config.json", output_config(in_dir, dst, qcfg, family.extra_linears(hf_config)))
+        copied = copy_extras(in_dir, out_dir)
+        record = dict(info or {"family": family.name})
+        record.update(format=dst.name, storage=dst.storage, quant=qcfg.to_json(),
+                      converted_from={"path": str(in_dir), "format": src.name, "files_copied": copied})
+        record.pop("packing", None)
+        if qcfg.w_bit == 3 and dst.name == "awq":
+            record["packing"] = INT3_PACKING
+        write_json_atomic(out_dir / "streamq.json", record)
+    finally:
+        held.release(remove=True)  # no journal: the folder is left holding the checkpoint only
     return ConvertSummary(src.name, dst.name, n_linears, n_tensors, time.time() - start,
                           sum(p.stat().st_size for p in reader.shards()),
                           sum(p.stat().st_size for p in out_dir.glob("model-*.safetensors")))

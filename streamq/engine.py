@@ -8,7 +8,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,19 +17,21 @@ import torch
 
 from . import faults, parallel
 from .block import capture, captured_inputs, check_shapes, check_storable, quantize_block
-from .budget import BlockShape, Plan, forward_samples, plan_block
+from .budget import BlockShape, Plan, format_bytes, forward_samples, plan_block
 from .calib import calibration_blocks, tokens_digest
 from .checkpoint import check_non_block_tensors, write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
-from .errors import InterruptedRun, ResumeError, SettingsError
+from .errors import InputError, InterruptedRun, OutOfDeviceMemory, ResumeError, SettingsError
 from .families import Family, build_block
 from .families.base import meta_block
 from .formats import Format, by_name, settle
 from .journal import Journal, parallel_world, resume_command
+from .journal import lock as journal_lock
+from .lock import FolderLock
 from .kernels import Ops
 from .kernels import select as select_kernels
 from .memory import peak_device, peak_reserved, peak_rss, reset_peaks
-from .models import (check_output_dir, compute_dtype, dtype_name, load_tokenizer, open_checkpoint, prepare_output_dir,
+from .models import (check_output_dir, claim_output_dir, compute_dtype, dtype_name, load_tokenizer, open_checkpoint,
                      resolve_device)
 from .placement import to_store
 from .shards import ShardReader
@@ -37,6 +39,7 @@ from .sources import resolve
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
 
 OnBlock = Callable[[int, int], None]
+MiB = 2**20
 
 
 @dataclass
@@ -164,22 +167,26 @@ def quantize(
         return source, run, _calibration_ids(run), ranges
 
     source, run, ids, ranges = comm.agree(setup) if comm else setup()
-    if not world or world.first:
-        prepare_output_dir(out_dir, overwrite)
-    settings = {"model_dir": str(source.path), "source": source.to_json(), "quant": run.qcfg.to_json(), "format": fmt.name, "calib": calib.to_json(),
-                "shard_bytes": shard_bytes, "fingerprint": run.reader.fingerprint(),
-                "tokens_sha256": tokens_digest(ids), "compute_dtype": str(run.dtype), "compute_dtype_requested": compute,
-                "forward_samples": run.plan.forward_samples, "kernels": run.ops.name}
-    n_layers = run.family.n_layers(run.hf_config)
-    if not world:
-        journal = Journal.start(out_dir, settings, n_layers)
-        x_chunks = _first_block_inputs(run, ids)
-        return _blocks(run, journal, journal.new_writer(shard_bytes), x_chunks, 0, start, on_block)
-    comm.barrier()  # the output directory is there, empty
-    settings.update(world_size=world.size, rank=world.rank, ranges=ranges)
-    journal = Journal.start(out_dir, settings, n_layers, world.rank, first=ranges[world.rank][0])
-    x_chunks = _first_block_inputs(run, ids) if world.first else None
-    return _parallel_blocks(run, comm, journal, journal.new_writer(shard_bytes), x_chunks, start)
+    with ExitStack() as held:  # the output folder's lock, released however the run ends
+        if not world or world.first:
+            held.callback(claim_output_dir(out_dir, overwrite).release)
+        settings = {"model_dir": str(source.path), "source": source.to_json(), "quant": run.qcfg.to_json(),
+                    "format": fmt.name, "calib": calib.to_json(), "shard_bytes": shard_bytes,
+                    "fingerprint": run.reader.fingerprint(), "tokens_sha256": tokens_digest(ids),
+                    "compute_dtype": str(run.dtype), "compute_dtype_requested": compute,
+                    "forward_samples": run.plan.forward_samples, "kernels": run.ops.name}
+        n_layers = run.family.n_layers(run.hf_config)
+        if not world:
+            journal = Journal.start(out_dir, settings, n_layers)
+            x_chunks = _first_block_inputs(run, ids)
+            return _blocks(run, journal, journal.new_writer(shard_bytes), x_chunks, 0, start, on_block)
+        comm.barrier()  # the output directory is there, empty
+        settings.update(world_size=world.size, rank=world.rank, ranges=ranges)
+        journal = Journal.start(out_dir, settings, n_layers, world.rank, first=ranges[world.rank][0])
+        if not world.first:  # each rank its own folder; rank 0 holds the top level
+            held.callback(journal_lock(out_dir, world.rank).acquire().release)
+        x_chunks = _first_block_inputs(run, ids) if world.first else None
+        return _parallel_blocks(run, comm, journal, journal.new_writer(shard_bytes), x_chunks, start)
 
 
 def _join(world: parallel.World | None, out_dir: Path, device: str) -> parallel.Comm | None:
@@ -246,15 +253,17 @@ def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = 
                           f"{resume_command(out_dir)}")
     if world is not None:
         return _parallel_resume(world, out_dir, device, max_gpu_mem, kernels, compute, start)
-    journal = Journal.open(out_dir)
-    state = journal.state
-    _refuse_complete(out_dir, state)
-    run = _reopen(journal, device, max_gpu_mem, kernels, compute)
-    journal.verify_and_clean()
-    done = state["done_blocks"]
-    x_chunks = _first_block_inputs(run, _calibration_ids(run)) if done == 0 else _saved_inputs(run, journal)
-    writer = journal.load_writer(state["settings"]["shard_bytes"])
-    summary = _blocks(run, journal, writer, x_chunks, done, start, on_block)
+    Journal.open(out_dir)  # says what the folder lacks when it is no run (before a lock file is made)
+    with journal_lock(out_dir):
+        journal = Journal.open(out_dir)  # as it is now that no other process writes it
+        state = journal.state
+        _refuse_complete(out_dir, state)
+        run = _reopen(journal, device, max_gpu_mem, kernels, compute)
+        journal.verify_and_clean()
+        done = state["done_blocks"]
+        x_chunks = _first_block_inputs(run, _calibration_ids(run)) if done == 0 else _saved_inputs(run, journal)
+        writer = journal.load_writer(state["settings"]["shard_bytes"])
+        summary = _blocks(run, journal, writer, x_chunks, done, start, on_block)
     summary.resumed_from = done
     return summary
 
@@ -269,7 +278,7 @@ def _parallel_resume(world: parallel.World, out_dir: Path, device: str, max_gpu_
                      compute: str | None, start: float) -> Summary:
     comm = _join(world, out_dir, device)
 
-    def setup() -> tuple[Run, Journal]:
+    def setup() -> tuple[Run, Journal, FolderLock]:
         started = parallel_world(out_dir)
         if started is None:
             Journal.open(out_dir)  # says what the directory lacks, if it is no run at all
@@ -277,13 +286,24 @@ def _parallel_resume(world: parallel.World, out_dir: Path, device: str, max_gpu_
         if started != world.size:
             raise ResumeError(f"{out_dir} was started by {started} processes, not {world.size}; continue it with: "
                               f"{resume_command(out_dir)}")
-        _refuse_complete(out_dir, Journal.open(out_dir, 0).state)  # rank 0 completes the run
-        journal = Journal.open(out_dir, world.rank)
-        run = _reopen(journal, device, max_gpu_mem, kernels, compute, warn=world.first)
-        journal.verify_and_clean()
-        return run, journal
+        held = journal_lock(out_dir, None if world.first else world.rank).acquire()  # rank 0: the top level
+        try:
+            _refuse_complete(out_dir, Journal.open(out_dir, 0).state)  # rank 0 completes the run
+            journal = Journal.open(out_dir, world.rank)
+            run = _reopen(journal, device, max_gpu_mem, kernels, compute, warn=world.first)
+            journal.verify_and_clean()
+        except BaseException:
+            held.release()
+            raise
+        return run, journal, held
 
-    run, journal = comm.agree(setup)
+    run, journal, held = comm.agree(setup)
+    with held:
+        return _parallel_resumed(run, comm, journal, world, out_dir, start)
+
+
+def _parallel_resumed(run: Run, comm: parallel.Comm, journal: Journal, world: parallel.World, out_dir: Path,
+                      start: float) -> Summary:
     if world.first:
         parallel.failure_note(out_dir).unlink(missing_ok=True)
     done = journal.state["done_blocks"]
@@ -354,6 +374,7 @@ def _parallel_blocks(run: Run, comm: parallel.Comm, journal: Journal, writer: Sh
         ranks = [{k: v for k, v in e.items() if k not in ("weight_map", "stats")} for e in everyone]
         _write_metadata(run, journal, summary.blocks, {"world_size": world.size, "ranks": ranks})
         journal.complete()
+        writer.drop_written_spools()
     comm.barrier()  # the index is written: the run is complete
     if not world.first:
         journal.complete()
@@ -391,10 +412,14 @@ def _blocks(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torc
             start: float, on_block: OnBlock | None) -> Summary:
     _announce(run)
     summary = _loop(run, journal, writer, x_chunks, first, run.family.n_layers(run.hf_config), on_block)
-    write_non_block_tensors(run.reader, run.family, writer, run.qcfg.storage_torch_dtype)
+    with _resumable(run):
+        write_non_block_tensors(run.reader, run.family, writer, run.qcfg.storage_torch_dtype)
     writer.finish()
+    faults.point("final:index")
     _write_metadata(run, journal, summary.blocks)
+    faults.point("final:metadata")
     journal.complete()
+    writer.drop_written_spools()
     return _totals(run, summary, start)
 
 
@@ -428,6 +453,52 @@ def _build(run: Run, i: int):
     return block, run.family.block_kwargs(run.hf_config, run.calib.seqlen, run.device, run.dtype, i)
 
 
+def _quantize_one(run: Run, i: int, x_chunks: list[torch.Tensor]):
+    """Block i built from the shards and quantized; a device that runs out of memory on the way
+    ends the run with the budget that would fit (the block's partial work dropped, the journal
+    left at the last finished block)."""
+    try:
+        block, kwargs = _build(run, i)
+        faults.point(f"block{i}:search")
+        return quantize_block(block, run.family, run.hf_config, x_chunks, kwargs, run.qcfg, run.store, run.ops,
+                              run.plan.forward_samples, run.fmt, where=run.family.block_prefix(i))
+    except torch.OutOfMemoryError:
+        peak = peak_device(run.device)
+    # past the except clause the failed work's frames are gone, so the cache can hand its memory back
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    raise OutOfDeviceMemory(out_of_memory_message(run.plan, run.max_gpu_mem, peak, i, run.out_dir))
+
+
+def out_of_memory_message(plan: Plan, budget: int | None, peak: int | None, block: int, out_dir: Path) -> str:
+    """What to run after the device ran out of memory in `block`: a budget 15 % below the one
+    it ran out under (the planner's estimate leaves the caching allocator's own reserve out),
+    never below the smallest that fits one block."""
+    reached = f"its work reached {format_bytes(peak)} " if peak else ""
+    under = budget if budget is not None else plan.estimated_peak_bytes
+    smallest = -(-plan.minimum_bytes // MiB) * MiB
+    target = max(smallest, under * 85 // 100 // MiB * MiB)
+    said = (f"out of GPU memory in block {block} ({reached}under --max-gpu-mem {format_bytes(under)}, planned peak "
+            f"{format_bytes(plan.estimated_peak_bytes)}); its partial work is dropped and the blocks before it are kept")
+    if target >= under:
+        return (f"{said}; no smaller budget fits one block (the smallest is {target // MiB}MiB): free the device's "
+                f"memory (is another process using it?), then run: {resume_command(out_dir)}")
+    return (f"{said}; a smaller budget changes only the chunking, not the bytes: {resume_command(out_dir)} "
+            f"--max-gpu-mem {target // MiB}MiB")
+
+
+@contextmanager
+def _resumable(run: Run, block: int | None = None):
+    """A source that cannot be read mid-run (a shard replaced, cut short or unreadable) is one
+    line that says the finished blocks are kept and how to continue once it is mended."""
+    try:
+        yield
+    except InputError as exc:
+        where = f"block {block}: " if block is not None else ""
+        raise InputError(f"{where}{exc}; the finished blocks are kept: once it is mended, continue with: "
+                         f"{resume_command(run.out_dir)}") from None
+
+
 def _loop(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torch.Tensor], first: int, stop: int,
           on_block: OnBlock | None, say: Callable[[str], None] | None = None) -> Summary:
     """Quantize blocks [first, stop), each committed to the journal as it finishes."""
@@ -441,17 +512,14 @@ def _loop(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torch.
             t0 = time.time()
             reset_peaks(dev)
             prefix = family.block_prefix(i)
-            block, kwargs = _build(run, i)
-            faults.point(f"block{i}:search")
-            records, tensors, x_chunks = quantize_block(block, family, hf_config, x_chunks, kwargs, run.qcfg,
-                                                        run.store, run.ops, run.plan.forward_samples, run.fmt,
-                                                        where=prefix)
+            with _resumable(run, i):
+                records, tensors, x_chunks = _quantize_one(run, i, x_chunks)
             check_storable(tensors, prefix)
             for name, t in tensors.items():
                 writer.add(prefix + name, t)
             experts = {"tokens": records.tokens, "fallback": records.fallback} if records.tokens else None
             # records are not kept: at OPT-30B shape they are ~13 MB a block, growing with depth
-            del block, records, tensors
+            del records, tensors
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             stats = {"block": i, "seconds": round(time.time() - t0, 3), "peak_rss_bytes": peak_rss(),

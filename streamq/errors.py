@@ -29,6 +29,10 @@ class DiskFullError(StreamqError):
     """The output disk filled up; the run directory stays resumable."""
 
 
+class OutOfDeviceMemory(StreamqError):
+    """The device ran out of memory inside a block; the run stays resumable, with a smaller budget."""
+
+
 class InterruptedRun(StreamqError):
     """Stopped by a signal at a safe point; the run directory is resumable."""
 

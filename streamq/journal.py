@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from . import faults
 from .errors import ResumeError
+from .lock import LOCK_NAME, FolderLock, Holder, holder
 from .writer import ShardWriter, disk_full_guard, fsync_dir, replace_atomic, sha256_file, write_json_atomic
 
 JOURNAL_DIR = ".streamq"
@@ -35,6 +36,16 @@ def journal_dir(out_dir: Path, rank: int | None = None) -> Path:
 
 def journal_path(out_dir: Path, rank: int | None = None) -> Path:
     return journal_dir(out_dir, rank) / JOURNAL_NAME
+
+
+def lock(out_dir: Path, rank: int | None = None) -> FolderLock:
+    """The lock of the output folder (rank None: the top level) or of a rank's own folder."""
+    return FolderLock(journal_dir(out_dir, rank) / LOCK_NAME, out_dir, resume_command(out_dir))
+
+
+def writer_of(out_dir: Path, rank: int | None = None) -> Holder | None:
+    """The process writing out_dir now (holding its lock), or None."""
+    return holder(journal_dir(out_dir, rank) / LOCK_NAME)
 
 
 def shard_stem(rank: int | None) -> str:
@@ -139,8 +150,8 @@ class Journal:
             replace_atomic(tmp, self.dir / name)
 
     def files(self) -> set[str]:
-        """The journal directory's files that the current entry needs."""
-        live = {JOURNAL_NAME}
+        """The journal directory's files that the current entry needs (and the lock)."""
+        live = {JOURNAL_NAME, LOCK_NAME}
         if self.state["hidden"]:
             live.add(self.state["hidden"])
         if self.state["writer"] and self.state["writer"]["pending"]:

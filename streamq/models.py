@@ -1,4 +1,5 @@
-"""Edges shared by the entry points: device choice, compute dtype, tokenizer, output dir."""
+"""Edges shared by the entry points: device choice, compute dtype, the checkpoint and its
+tokenizer, the output folder (checked, then claimed under its lock)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from .errors import InputError, OutputError, SettingsError
 from .checkpoint import TOKENIZER_FILES
 from .families import Family, detect
 from .shards import ShardReader
-from .journal import resume_command
+from .journal import journal_dir, resume_command, writer_of
+from .journal import lock as journal_lock
 from .journal import status as journal_status
+from .lock import LOCK_NAME, FolderLock, busy_message
 
 
 def resolve_device(device: str) -> torch.device:
@@ -65,6 +68,7 @@ def load_config(model_dir: Path) -> Any:
 def open_checkpoint(model_dir: Path) -> tuple[ShardReader, Any, Family]:
     """A local checkpoint's reader, config and family: the reader maps the family's published
     name variants to transformers' names and drops tied copies, so no caller sees a variant."""
+    refuse_unfinished(model_dir)
     hf_config = load_config(model_dir)
     family = detect(hf_config)
     return ShardReader(model_dir, family.checkpoint_prefixes, family.tied_names(hf_config)), hf_config, family
@@ -78,11 +82,23 @@ def load_tokenizer(model_dir: Path) -> Any | None:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def _contents(out_dir: Path) -> list[Path]:
+    """What an output folder holds besides a lock file alone (a lock taken by a process that
+    stopped before writing anything)."""
+    lock_only = [journal_dir(out_dir) / LOCK_NAME]
+    return [p for p in out_dir.iterdir()
+            if not (p == journal_dir(out_dir) and p.is_dir() and sorted(p.iterdir()) == lock_only)]
+
+
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty output directory before any work (nothing is deleted here)."""
+    """Refuse a folder another process is writing, or a non-empty output directory, before any
+    work (nothing is deleted here)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output path {out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    who = writer_of(out_dir) if out_dir.is_dir() else None
+    if who is not None:
+        raise OutputError(busy_message(out_dir, who, resume_command(out_dir)))
+    if out_dir.exists() and _contents(out_dir) and not overwrite:
         run = journal_status(out_dir)
         if run is not None and not run.complete:
             raise OutputError(f"output directory {out_dir} holds an interrupted run ({run.done} of {run.total} "
@@ -92,9 +108,40 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise OutputError(f"output directory {out_dir} is not empty; pass --overwrite to replace it")
 
 
-def prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Empty (with overwrite) and create the output directory, once the inputs are checked."""
-    check_output_dir(out_dir, overwrite)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+def claim_output_dir(out_dir: Path, overwrite: bool) -> FolderLock:
+    """Lock the output folder (OUTPUT/.streamq/lock), then check it again and empty it (with
+    overwrite) but for the lock: from here on it is this process's alone. The caller releases
+    the lock when it is done."""
+    made_folder, created = not out_dir.exists(), not journal_dir(out_dir).exists()
+    held = journal_lock(out_dir).acquire()
+    try:
+        check_output_dir(out_dir, overwrite)
+        for path in _contents(out_dir):
+            if path == journal_dir(out_dir):
+                for inner in path.iterdir():
+                    if inner.name != LOCK_NAME:
+                        shutil.rmtree(inner) if inner.is_dir() and not inner.is_symlink() else inner.unlink()
+            else:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    except BaseException:
+        held.release()
+        if created:  # leave the folder as it was found: no lock file in someone else's directory
+            (journal_dir(out_dir) / LOCK_NAME).unlink(missing_ok=True)
+            journal_dir(out_dir).rmdir()
+            if made_folder:
+                out_dir.rmdir()
+        raise
+    return held
+
+
+def refuse_unfinished(model_dir: Path) -> None:
+    """A streamq output folder whose run is still being written, or was interrupted, is no
+    checkpoint yet: one line saying which, before anything reads it."""
+    run = journal_status(model_dir)
+    if run is None or run.complete:
+        return
+    who = writer_of(model_dir)
+    if who is not None:
+        raise InputError(f"{model_dir} is not finished: it is being written by {who.describe()}")
+    raise InputError(f"{model_dir} holds an unfinished run ({run.done} of {run.total} blocks); finish it first: "
+                     f"{resume_command(model_dir)}")

@@ -20,7 +20,7 @@ from .config import CalibConfig, QuantConfig
 from .families.base import eager_only
 from .formats import by_name, settle
 from .kernels import select as select_kernels
-from .models import check_output_dir, compute_dtype, load_tokenizer, open_checkpoint, prepare_output_dir, resolve_device
+from .models import check_output_dir, claim_output_dir, compute_dtype, load_tokenizer, open_checkpoint, resolve_device
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
 
 
@@ -94,7 +94,7 @@ def quantize(
         if adapt:
             adapt(block, model.config)
         check_shapes(block, family.block_prefix(i), qcfg.group_size)
-    prepare_output_dir(out_dir, overwrite)
+    claim_output_dir(out_dir, overwrite).release(remove=True)  # emptied as a run empties it
 
     x_chunks = first_block_inputs(model, layers[0], ids, chunk_samples, dev)
     writer = ShardWriter(out_dir, shard_bytes)

@@ -59,13 +59,27 @@ class ShardReader:
                                  "under two names")
             self._stored[canonical], self.files[canonical] = name, shard
         self._handles: dict[Path, object] = {}
+        self._identity = {shard: self._identify(shard) for shard in self.infos}
         for alias, target in (tied or {}).items():
             if alias in self.files and target in self.files and self._repeats(alias, target):
                 del self.files[alias], self._stored[alias]
         self.release()
 
+    def _identify(self, path: Path) -> tuple[int, str]:
+        return path.stat().st_size, hashlib.sha256(self.kind.fingerprint(path)).hexdigest()
+
     def _handle(self, path: Path):
+        """An open file; each time a file is opened again, its size and header are checked
+        against what they were when the reader was made (a file replaced or cut short while a run
+        is going is refused, not read)."""
         if path not in self._handles:
+            try:
+                same = self._identify(path) == self._identity[path]
+            except (OSError, InputError):
+                same = False
+            if not same:
+                raise InputError(f"{path} changed while it was being read (its size or header differ from when the "
+                                 "run started); put the original back")
             self._handles[path] = self.kind.open(path)
         return self._handles[path]
 

@@ -112,6 +112,7 @@ class ShardWriter:
         with disk_full_guard(spool, self.out_dir, remove=False):
             with open(spool, "ab") as f:
                 f.write(data.tobytes())
+        faults.point("spool:appended")
         self.pending.append([name, SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), size])
         self.pending_bytes += size
 
@@ -166,9 +167,10 @@ class ShardWriter:
 
     def finish(self, others: list[tuple[dict[str, str], int]] = ()) -> None:
         """Write the last shard and the index, which also lists `others`: the (weight map, total
-        bytes) of the other processes' writers of a block-parallel run."""
+        bytes) of the other processes' writers of a block-parallel run. A journal's spools stay
+        until the journal records the run complete (drop_written_spools): a crash or a full disk
+        before that resumes from them."""
         self.flush()
-        self.drop_written_spools()
         weight_map, total = dict(self.weight_map), self.total_bytes
         for their_map, their_bytes in others:
             weight_map.update(their_map)

@@ -16,9 +16,9 @@ from streamq.errors import DiskFullError, ResumeError
 ARGS = ["--n-samples", "6", "--seqlen", "64", "--shard-size", "150KB"]
 
 
-def streamq(*args, kill_at=None, device="cpu"):
+def streamq(*args, kill_at=None, device="cpu", env=None):
     """The CLI in a child process (so that it can be killed); run and resume on `device`."""
-    env = {**os.environ, "STREAMQ_KILL_AT": kill_at or ""}
+    env = {**os.environ, "STREAMQ_KILL_AT": kill_at or "", **(env or {})}
     where = ["--device", device] if args[0] in ("run", "resume") else []
     return subprocess.run([sys.executable, "-m", "streamq", *map(str, args), *where], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -57,7 +57,7 @@ def test_sigkill_then_resume_is_byte_identical(tiny_models, uninterrupted, tmp_p
     resumed = streamq("resume", out)
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint(out) == uninterrupted[family]
-    assert sorted(p.name for p in (out / ".streamq").iterdir()) == ["journal.json"]
+    assert sorted(p.name for p in (out / ".streamq").iterdir()) == ["journal.json", "lock"]
 
 
 @needs_gpu
@@ -184,3 +184,126 @@ def test_writer_holds_no_tensor_in_memory(tmp_path):
     assert torch.equal(loaded["a"], torch.arange(6, dtype=torch.int32).reshape(2, 3))
     assert torch.equal(loaded["b"], torch.ones(5, dtype=torch.float16))
     assert not (tmp_path / ".streamq").exists()
+
+
+def test_out_of_device_memory_mid_block_is_one_line_and_resumes_with_a_smaller_budget(
+        tiny_models, uninterrupted, tmp_path, monkeypatch):
+    """torch.OutOfMemoryError inside block 1's work (injected; a GPU raises it when the
+    caching allocator's reserve outgrows the plan): the block's work is dropped, the journal
+    stays at block 1, and the line names the block, the budget and the command with a budget
+    15 % smaller; that command finishes the run with the bytes of an uninterrupted one."""
+    from typer.testing import CliRunner
+
+    from streamq.cli import app
+    from streamq.config import QuantConfig, parse_size
+
+    calib = CalibConfig(n_samples=6, seqlen=64)
+    minimum = engine.plan(tiny_models["opt"], QuantConfig(), calib, device="cpu").minimum_bytes
+    budget = 3 * minimum
+    out = tmp_path / "out"
+    monkeypatch.setenv("STREAMQ_KILL_AT", "block1:search:OOM")
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_models["opt"]), "--output", str(out), *ARGS,
+                                      "--device", "cpu", "--max-gpu-mem", f"{budget}B"])
+    lines = [line for line in result.stderr.splitlines() if line.startswith("streamq: error:")]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "out of GPU memory in block 1 (under --max-gpu-mem" in lines[0]
+    assert "its partial work is dropped and the blocks before it are kept" in lines[0]
+    suggested = lines[0].rsplit("--max-gpu-mem ", 1)[1]
+    assert lines[0].endswith(f"not the bytes: streamq resume {out} --max-gpu-mem {suggested}")
+    assert minimum <= parse_size(suggested) <= budget * 85 // 100
+    assert json.loads((out / ".streamq" / "journal.json").read_text())["done_blocks"] == 1
+    monkeypatch.delenv("STREAMQ_KILL_AT")
+    engine.resume(out, device="cpu", max_gpu_mem=parse_size(suggested))
+    assert checkpoint(out) == uninterrupted["opt"]
+
+
+def test_out_of_memory_at_the_smallest_budget_says_no_smaller_one_fits():
+    from streamq.budget import Plan
+    from streamq.engine import out_of_memory_message
+
+    plan = Plan(chunk_samples=1, activations_on_device=False, estimated_peak_bytes=100 << 20, minimum_bytes=100 << 20)
+    near = out_of_memory_message(plan, 105 << 20, 104 << 20, 3, __import__("pathlib").Path("OUT"))
+    assert "out of GPU memory in block 3 (its work reached 104.00MiB under --max-gpu-mem 105.00MiB" in near
+    assert near.endswith("streamq resume OUT --max-gpu-mem 100MiB")  # 15 % less, but not below the smallest
+    message = out_of_memory_message(plan, 100 << 20, 100 << 20, 3, __import__("pathlib").Path("OUT"))
+    assert message.endswith("no smaller budget fits one block (the smallest is 100MiB): free the device's memory (is "
+                            "another process using it?), then run: streamq resume OUT")
+
+
+@pytest.mark.parametrize("change", ["replaced", "truncated"])
+def test_a_source_shard_changed_mid_run_is_one_line_and_the_run_resumes(tiny_models, uninterrupted, tmp_path, change):
+    """The shards are checked again each time they are opened: a shard replaced (another
+    header) or cut short after block 0 is refused when block 1 opens it, the finished block is
+    kept, and with the original back the resume is byte-identical."""
+    import shutil
+
+    from streamq.errors import InputError
+
+    src = shutil.copytree(tiny_models["opt"], tmp_path / "src")
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = src / index["model.decoder.layers.1.fc1.weight"]
+    original = shard.read_bytes()
+
+    def after(done, total):
+        if done == 1:
+            assert b'"pt"' in original[:4096]
+            shard.write_bytes(original[:-64] if change == "truncated" else original.replace(b'"pt"', b'"PT"', 1))
+
+    out = tmp_path / "out"
+    calib = CalibConfig(n_samples=6, seqlen=64)
+    with pytest.raises(InputError, match=rf"^block 1: {shard} changed while it was being read .*; put the original "
+                                         rf"back; the finished blocks are kept: once it is mended, continue with: "
+                                         rf"streamq resume {out}$"):
+        engine.quantize(src, out, calib=calib, shard_bytes=150_000, device="cpu", on_block=after)
+    shard.write_bytes(original)
+    engine.resume(out, device="cpu")
+    assert checkpoint(out) == uninterrupted["opt"]
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors.index.json", "config.json", "streamq.json"])
+def test_disk_full_at_the_final_writes_is_one_line_and_resumes(tiny_models, uninterrupted, tmp_path, monkeypatch,
+                                                               victim):
+    real = writer.replace_atomic
+
+    def full(tmp, final):
+        if final.name == victim:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tmp, final)
+
+    monkeypatch.setattr(writer, "replace_atomic", full)
+    out = tmp_path / "out"
+    with pytest.raises(DiskFullError, match=rf"disk full while writing .*{victim}.tmp; free space, then run: "
+                                            rf"streamq resume {out}$"):
+        engine.quantize(tiny_models["opt"], out, calib=CalibConfig(n_samples=6, seqlen=64), shard_bytes=150_000,
+                        device="cpu")
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.setattr(writer, "replace_atomic", real)
+    engine.resume(out, device="cpu")
+    assert checkpoint(out) == uninterrupted["opt"]
+
+
+def test_sigkill_at_random_moments_of_run_and_resume(tiny_models, uninterrupted, tmp_path):
+    """Seeded random moments among every fault point a run passes (each tensor's append to
+    the spool, each shard, each journal entry, the final index and metadata): kill the run
+    there, kill its resume at another, resume again: byte-identical, and no .tmp left."""
+    import random
+
+    log = tmp_path / "points.log"
+    whole = streamq("run", "--model", tiny_models["opt"], "--output", tmp_path / "whole", *ARGS,
+                    env={"STREAMQ_FAULT_LOG": str(log)})
+    assert whole.returncode == 0, whole.stderr
+    names = log.read_text().split()
+    moments = [f"{name}#{names[:i + 1].count(name)}" for i, name in enumerate(names)]  # each passing, counted
+    assert {"spool:appended#1", "shard1:written#1", "block1:journal#1", "final:index#1", "final:metadata#1"} <= set(moments)
+    for seed in range(3):
+        rng = random.Random(seed)
+        out = tmp_path / f"out{seed}"
+        first = rng.choice(moments)
+        killed = streamq("run", "--model", tiny_models["opt"], "--output", out, *ARGS, kill_at=first)
+        assert killed.returncode == -9, (first, killed.stderr)
+        again = streamq("resume", out, kill_at=rng.choice(moments))  # a point the resume may not pass
+        assert again.returncode in (0, -9), again.stderr
+        if again.returncode == -9:
+            assert streamq("resume", out).returncode == 0
+        assert checkpoint(out) == uninterrupted["opt"], (seed, first)
+        assert not [p for p in out.rglob("*.tmp")], seed

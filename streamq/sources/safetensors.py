@@ -77,13 +77,17 @@ def tensors(path: Path) -> dict[str, TensorInfo]:
 
 class _Handle:
     def __init__(self, path: Path):
+        self.path = path
         try:
             self.file = safe_open(str(path), framework="pt", device="cpu")
         except Exception as exc:  # safetensors raises its own error types for bad files
             raise InputError(f"cannot open shard {path}: {exc}") from None
 
     def get(self, name: str) -> torch.Tensor:
-        return self.file.get_tensor(name)
+        try:
+            return self.file.get_tensor(name)
+        except Exception as exc:  # safetensors' own error types: an I/O error, a damaged file
+            raise InputError(f"cannot read {name} from {self.path}: {exc}") from None
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.file.get_slice(name)[start:stop]
