@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .errors import NumericError
+from .errors import InputError, NumericError
 from .families import Family
 from .formats import Format, dense_state
 from .formats.awq import AWQ
@@ -337,6 +337,16 @@ def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig, f
     for key, t in folded_tensors(block, records).items():
         out[key] = t.to(storage).cpu()
     return dict(sorted(out.items()))
+
+
+def check_finite(block: nn.Module, prefix: str) -> None:
+    """Refuse a source block holding NaN or inf before it is searched (the search would find no
+    finite loss and the earlier blocks' work would look lost): named, in one line."""
+    for key, t in block.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise InputError(f"the source's {prefix}{key} holds {bad} non-finite values (NaN or inf) of {t.numel()}; "
+                             "the checkpoint is damaged or was saved from a diverged model")
 
 
 def check_storable(tensors: dict[str, torch.Tensor], prefix: str) -> None:

@@ -185,14 +185,18 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
                    f"{format_bytes(shape.largest_parkable * e)} at a time")
     raise SettingsError(
         f"--max-gpu-mem {format_bytes(budget)} is too small: one block needs at least "
-        f"{format_bytes(minimum)} ({weights}, the search's copies of its largest linears, and one calibration "
+        f"{format_bytes(minimum, up=True)} ({weights}, the search's copies of its largest linears, and one calibration "
         f"sample of {seqlen} tokens in flight)"
     )
 
 
-def format_bytes(n: float) -> str:
+def format_bytes(n: float, up: bool = False) -> str:
+    """n bytes in the largest binary unit that keeps it above 1, two decimals; `up` rounds up,
+    so a smallest budget named in a message fits when it is copied back as --max-gpu-mem."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.2f}{unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if up else round(n)}{unit}"
+            return f"{math.ceil(n * 100) / 100 if up else n:.2f}{unit}"
         n /= 1024
     return f"{n}"

@@ -25,6 +25,15 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+MIN_SHARD_BYTES = 16 << 10  # below this a shard holds a tensor or two: thousands of files, no use
+
+
+def check_shard_bytes(n: int) -> None:
+    if n < MIN_SHARD_BYTES:
+        raise SettingsError(f"--shard-size {n}B is too small: shards hold at least {MIN_SHARD_BYTES // 1024}KiB "
+                            "(checkpoints use 1-10GB; the default is 4GB)")
+
+
 # Recipes: the papers' exactly (AWQ's ablation rows and GPTQ's in-order rounding stay
 # reproducible), and the defaults chosen by measured perplexity (docs/benchmarks.md, "Defaults by
 # measurement"). gptq_act_order only acts where GPTQ rounds (--method gptq, awq+gptq).

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import INT3_PACKING, copy_extras, output_config, storable, write_non_block_tensors
-from .config import QuantConfig
+from .config import QuantConfig, check_shard_bytes
 from .errors import InputError, NumericError, OutputError
 from .formats import Format, by_name, linear_tensors, reading
 from .models import claim_output_dir, dtype_name, open_checkpoint
@@ -73,6 +73,7 @@ def convert(in_dir: str | Path, out_dir: str | Path, format: str, shard_bytes: i
     start = time.time()
     in_dir, out_dir = Path(in_dir).resolve(), Path(out_dir)
     dst = by_name(format)
+    check_shard_bytes(shard_bytes)
     if not in_dir.is_dir():
         raise InputError(f"{in_dir} is not a directory")
     if out_dir.exists() and out_dir.resolve() == in_dir:
@@ -83,6 +84,9 @@ def convert(in_dir: str | Path, out_dir: str | Path, format: str, shard_bytes: i
         raise InputError(f"{in_dir} holds no packed weights (config.json has no quantization_config); convert "
                          "reads the output of `streamq run`")
     src, settings = found
+    if src.name == dst.name:
+        raise InputError(f"{in_dir} is in the {dst.name} format already; nothing to convert (copy the folder to "
+                         "have a second one)")
     qcfg, info = _settings(in_dir, src, settings)
     qcfg = dataclasses.replace(qcfg, storage_dtype=dtype_name(dst.storage_dtype(reader.float_dtype())))
     if qcfg.w_bit > dst.max_bits:

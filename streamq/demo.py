@@ -5,6 +5,7 @@ and both answer one prompt greedily, the quantized one loaded by transformers fr
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,10 @@ def completions(model_dir: Path, out_dir: Path, new_tokens: int) -> tuple[dict[s
     original = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     texts = {"fp16": complete(original, tokenizer, new_tokens)}
     del original
-    quantized = AutoModelForCausalLM.from_pretrained(
-        out_dir, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    with warnings.catch_warnings():  # transformers warns that the checkpoint's own quantization_config is kept
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            out_dir, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     texts["INT4"] = complete(quantized, tokenizer, new_tokens)
     return texts, ""
 

@@ -16,11 +16,11 @@ from typing import Any, Callable
 import torch
 
 from . import faults, parallel
-from .block import capture, captured_inputs, check_shapes, check_storable, quantize_block
+from .block import capture, captured_inputs, check_finite, check_shapes, check_storable, quantize_block
 from .budget import BlockShape, Plan, format_bytes, forward_samples, plan_block
 from .calib import calibration_blocks, tokens_digest
 from .checkpoint import check_non_block_tensors, write_metadata, write_non_block_tensors
-from .config import CalibConfig, QuantConfig
+from .config import CalibConfig, QuantConfig, check_shard_bytes
 from .errors import InputError, InterruptedRun, OutOfDeviceMemory, ResumeError, SettingsError
 from .families import Family, build_block
 from .families.base import meta_block
@@ -31,7 +31,7 @@ from .lock import FolderLock
 from .kernels import Ops
 from .kernels import select as select_kernels
 from .memory import peak_device, peak_reserved, peak_rss, reset_peaks
-from .models import (check_output_dir, claim_output_dir, compute_dtype, dtype_name, load_tokenizer, open_checkpoint,
+from .models import (check_output_dir, check_seqlen, claim_output_dir, compute_dtype, dtype_name, load_tokenizer, open_checkpoint,
                      resolve_device)
 from .placement import to_store
 from .shards import ShardReader
@@ -82,6 +82,7 @@ def _setup(model_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str, 
            dtype_request: str) -> tuple[ShardReader, Any, Family, torch.device, torch.dtype, Plan, int | None]:
     """Read and check everything that decides the plan; nothing is written."""
     reader, hf_config, family = open_checkpoint(model_dir)
+    check_seqlen(hf_config, calib.seqlen)
     dev = resolve_device(device)
     dtype = compute_dtype(dev, dtype_request, reader.float_dtype())
     shape_block = meta_block(hf_config)  # every block has the same shapes
@@ -160,6 +161,7 @@ def quantize(
             raise SettingsError("several processes quantize blocks at the same time, so each block is calibrated "
                                 "on the unquantized model's activations: --next-input quantized (the default of "
                                 "--method gptq and awq+gptq) chains the blocks; pass --next-input fp16")
+        check_shard_bytes(shard_bytes)
         check_output_dir(out_dir, overwrite)
         source = resolve(model, revision)
         run = _prepare(source.path, out_dir, qcfg, calib, device, max_gpu_mem, shard_bytes, kernels, compute, fmt)
@@ -459,6 +461,7 @@ def _quantize_one(run: Run, i: int, x_chunks: list[torch.Tensor]):
     left at the last finished block)."""
     try:
         block, kwargs = _build(run, i)
+        check_finite(block, run.family.block_prefix(i))
         faults.point(f"block{i}:search")
         return quantize_block(block, run.family, run.hf_config, x_chunks, kwargs, run.qcfg, run.store, run.ops,
                               run.plan.forward_samples, run.fmt, where=run.family.block_prefix(i))

@@ -65,6 +65,14 @@ def load_config(model_dir: Path) -> Any:
         raise InputError(f"cannot read {path}: {first}") from None
 
 
+def check_seqlen(hf_config: Any, seqlen: int) -> None:
+    """Samples no longer than the model's positions (beyond them OPT's position table has no row,
+    and rotary models leave what they were trained on)."""
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if positions is not None and seqlen > positions:
+        raise SettingsError(f"--seqlen {seqlen} is longer than the model's {positions} positions")
+
+
 def open_checkpoint(model_dir: Path) -> tuple[ShardReader, Any, Family]:
     """A local checkpoint's reader, config and family: the reader maps the family's published
     name variants to transformers' names and drops tied copies, so no caller sees a variant."""

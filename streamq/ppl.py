@@ -28,7 +28,7 @@ from .families.base import meta_block
 from .kernels import TORCH, Ops
 from .kernels import select as select_kernels
 from .memory import peak_device, peak_rss, reset_peaks
-from .models import compute_dtype, dtype_name, load_tokenizer, open_checkpoint, resolve_device
+from .models import check_seqlen, compute_dtype, dtype_name, load_tokenizer, open_checkpoint, resolve_device
 from .formats import Format, dense_state, reading
 from .search import run_module
 from .shards import ShardReader
@@ -185,9 +185,7 @@ def perplexity(
     dev = resolve_device(device)
     # as a run: float32 on CPU, the checkpoint's half precision on GPU (an AWQ checkpoint's is fp16)
     dtype = compute_dtype(dev, compute, reader.float_dtype())
-    if seqlen > getattr(hf_config, "max_position_embeddings", seqlen):
-        raise SettingsError(f"--seqlen {seqlen} is longer than the model's {hf_config.max_position_embeddings} "
-                            "positions")
+    check_seqlen(hf_config, seqlen)
     ids = eval_tokens(data, load_tokenizer(model_dir))
     if ids.numel() and int(ids.max()) >= hf_config.vocab_size:
         raise CalibrationError(f"token id {int(ids.max())} is outside the model's vocabulary ({hf_config.vocab_size})")

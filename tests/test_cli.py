@@ -124,9 +124,43 @@ def test_nonempty_output_refused_and_kept(tiny_models, tmp_path):
     (["--n-samples", "100000"], "fewer than --n-samples 100000"),
     (["--max-gpu-mem", "1MB", *SMALL], "--max-gpu-mem 976.56KiB is too small: one block needs at least"),
     (["--max-gpu-mem", "lots"], "cannot read size 'lots'"),
+    (["--shard-size", "0"], "--shard-size 0B is too small: shards hold at least 16KiB"),
+    (["--seqlen", "2000"], "--seqlen 2000 is longer than the model's 1024 positions"),
 ])
 def test_bad_settings(tiny_models, tmp_path, args, match):
     assert_clean_error(invoke("run", "--model", tiny_models["opt"], "--output", tmp_path / "o", *args), match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_smallest_budget_a_refusal_names_works_when_copied(tiny_models, tmp_path):
+    """It is rounded up, not down: copied back as --max-gpu-mem it plans."""
+    import re
+
+    from streamq import engine
+    from streamq.config import CalibConfig, QuantConfig, parse_size
+
+    result = invoke("run", "--model", tiny_models["opt"], "--output", tmp_path / "o", "--max-gpu-mem", "1MB", *SMALL)
+    named = re.search(r"needs at least (\S+) ", result.stderr).group(1)
+    calib = CalibConfig(n_samples=int(SMALL[SMALL.index("--n-samples") + 1]), seqlen=int(SMALL[SMALL.index("--seqlen") + 1]))
+    plan = engine.plan(tiny_models["opt"], QuantConfig(), calib, device="cpu", max_gpu_mem=parse_size(named))
+    assert parse_size(named) >= plan.minimum_bytes
+
+
+def test_non_finite_source_weights_are_refused_by_name_and_earlier_blocks_kept(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["opt"], model)
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.decoder.layers.1.fc2.weight"
+    shard = model / index[name]
+    tensors = load_file(shard)
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "o"
+    assert_clean_error(invoke("run", "--model", model, "--output", out, *SMALL),
+                       "block 1: the source's model.decoder.layers.1.fc2.weight holds 1 non-finite values (NaN or inf)")
+    assert json.loads((out / ".streamq" / "journal.json").read_text())["done_blocks"] == 1
 
 
 @pytest.mark.parametrize("command", ["run", "ppl"])

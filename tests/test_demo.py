@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from contextlib import contextmanager
 
 from streamq import assets
@@ -23,7 +24,10 @@ def test_demo_quantizes_and_evaluates_from_a_prepared_cache(tiny_models, tmp_pat
         yield lambda done, total: bars[-1][1].append((done, total))
 
     settings = DemoSettings(calib_samples=4, calib_seqlen=64, eval_seqlen=128, eval_segments=3, new_tokens=6)
-    result = demo(lines.append, progress, cache=cache, device="cpu", settings=settings)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = demo(lines.append, progress, cache=cache, device="cpu", settings=settings)
+    assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]
     assert [line[:5] for line in lines] == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
     assert [desc for desc, _ in bars] == ["quantizing", "ppl fp16", "ppl INT4"]
     assert all(calls[-1][0] == calls[-1][1] for _, calls in bars)  # every bar reached its end
