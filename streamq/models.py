@@ -73,13 +73,15 @@ def check_seqlen(hf_config: Any, seqlen: int) -> None:
         raise SettingsError(f"--seqlen {seqlen} is longer than the model's {positions} positions")
 
 
-def open_checkpoint(model_dir: Path) -> tuple[ShardReader, Any, Family]:
+def open_checkpoint(model_dir: Path, headers_only: bool = False) -> tuple[ShardReader, Any, Family]:
     """A local checkpoint's reader, config and family: the reader maps the family's published
-    name variants to transformers' names and drops tied copies, so no caller sees a variant."""
+    name variants to transformers' names and drops tied copies, so no caller sees a variant.
+    `headers_only` (streamq plan) never reads a weight: tied copies are then not compared."""
     refuse_unfinished(model_dir)
     hf_config = load_config(model_dir)
     family = detect(hf_config)
-    return ShardReader(model_dir, family.checkpoint_prefixes, family.tied_names(hf_config)), hf_config, family
+    tied = {} if headers_only else family.tied_names(hf_config)
+    return ShardReader(model_dir, family.checkpoint_prefixes, tied), hf_config, family
 
 
 def load_tokenizer(model_dir: Path) -> Any | None:

@@ -294,7 +294,8 @@ def test_sigkill_at_random_moments_of_run_and_resume(tiny_models, uninterrupted,
     assert whole.returncode == 0, whole.stderr
     names = log.read_text().split()
     moments = [f"{name}#{names[:i + 1].count(name)}" for i, name in enumerate(names)]  # each passing, counted
-    assert {"spool:appended#1", "shard1:written#1", "block1:journal#1", "final:index#1", "final:metadata#1"} <= set(moments)
+    assert {"spool:appended#1", "shard1:written#1", "block1:journal#1", "final:index#1",
+            "final:metadata#1"} <= set(moments)
     for seed in range(3):
         rng = random.Random(seed)
         out = tmp_path / f"out{seed}"

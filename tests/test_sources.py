@@ -210,7 +210,8 @@ def test_offline_errors_name_the_cache_and_what_is_missing(offline_cache, tmp_pa
     partial = to_cache(write_layout(offline_cache["sources"]["opt-30b"], LAYOUTS["opt-30b"], tmp_path / "p"),
                        "someone/partial", cache)
     (partial / "pytorch_model-00003-of-00003.bin").unlink()
-    with pytest.raises(InputError, match=r"holds [0-9a-f]{12} without pytorch_model-00003-of-00003.bin\); HF_HUB_OFFLINE"):
+    with pytest.raises(InputError, match=r"holds [0-9a-f]{12} without pytorch_model-00003-of-00003.bin\); "
+                                         r"HF_HUB_OFFLINE"):
         resolve("someone/partial")
 
 
@@ -389,7 +390,8 @@ def test_calibration_by_name_takes_shuffled_documents_until_it_has_enough(saved_
     for n in range(1, len(shuffled)):  # the fewest documents, in that order, that hold the tokens
         if len(tok("\n\n".join(shuffled[:n]), add_special_tokens=False)["input_ids"]) >= 8 * 64:
             break
-    assert n < 20 and torch.equal(ids, torch.tensor(tok("\n\n".join(shuffled[:n]), add_special_tokens=False)["input_ids"]))
+    expected = tok("\n\n".join(shuffled[:n]), add_special_tokens=False)["input_ids"]
+    assert n < 20 and torch.equal(ids, torch.tensor(expected))
 
 
 def test_data_set_errors_are_one_line(tmp_path, monkeypatch):

@@ -43,9 +43,10 @@ class Source:
         return {**asdict(self), "path": str(self.path)}
 
 
-def resolve(model: str | Path, revision: str | None = None) -> Source:
+def resolve(model: str | Path, revision: str | None = None, weights: bool = True) -> Source:
     """A local directory as it is; a short name or a Hub id `org/name` from the Hub's cache, or
-    downloaded (only what a run reads) where the cache lacks it and the Hub is allowed."""
+    downloaded (only what a run reads) where the cache lacks it and the Hub is allowed. Without
+    `weights` (streamq plan), a Hub id not in the cache brings only its config."""
     asked = str(model)
     path = Path(asked).expanduser()
     if path.is_dir():
@@ -64,4 +65,4 @@ def resolve(model: str | Path, revision: str | None = None) -> Source:
                          f"({', '.join(SHORT_NAMES)}); a Hub id is org/name")
     from .hub import snapshot
 
-    return snapshot(asked, repo, revision)
+    return snapshot(asked, repo, revision, weights)

@@ -75,15 +75,18 @@ def _reason(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
-def snapshot(asked: str, repo: str, revision: str | None = None) -> Source:
+def snapshot(asked: str, repo: str, revision: str | None = None, weights: bool = True) -> Source:
     """The local folder of repo at revision: the cache's snapshot when it holds everything a
     run reads, else downloaded into the cache (a download that stops keeps what it got, and
-    running again continues it)."""
+    running again continues it). Without `weights`, the config is enough: a snapshot holding
+    it is used as it is, else only config.json is downloaded."""
     revision = revision or "main"
     cache = cache_dir()
     folder = cached_snapshot(repo, revision, cache)
-    if folder is not None and complete(folder):
+    if folder is not None and (complete(folder) or not weights and (folder / "config.json").is_file()):
         return Source(asked, folder, repo, revision, folder.name)
+    if not weights and not offline():
+        return _config_only(asked, repo, revision, cache)
     if offline():
         held = "" if folder is None else f" (it holds {folder.name[:12]} without {_lacking(folder)})"
         raise InputError(f"{repo} is no local directory, and at {revision} it is not in the Hub cache {cache}{held}; "
@@ -103,12 +106,23 @@ def _lacking(folder: Path) -> str:
     return "its weights" if missing is None else ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
 
 
-def _download(repo: str, revision: str, cache: Path) -> Path:
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+def _config_only(asked: str, repo: str, revision: str, cache: Path) -> Source:
+    from huggingface_hub import HfApi
 
     try:
-        info = HfApi().model_info(repo, revision=revision)
+        path = Path(HfApi().hf_hub_download(repo, "config.json", revision=revision, cache_dir=cache))
+    except _http_errors() as exc:
+        raise InputError(f"cannot read the config of {repo} from the Hub ({_reason(exc)})") from None
+    return Source(asked, path.parent, repo, revision, path.parent.name)
+
+
+def _download(repo: str, revision: str, cache: Path) -> Path:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    api = HfApi()  # one endpoint (HF_ENDPOINT) and token for every call
+    try:
+        info = api.model_info(repo, revision=revision)
     except GatedRepoError:
         raise InputError(f"{repo} is gated: accept its terms on https://huggingface.co/{repo}, then log in "
                          "(hf auth login, or set HF_TOKEN)") from None
@@ -123,14 +137,14 @@ def _download(repo: str, revision: str, cache: Path) -> Path:
     names = [s.rfilename for s in info.siblings or []]
 
     def index_shards(kind: WeightFiles) -> list[str]:
-        index = hf_hub_download(repo, kind.index_name, revision=info.sha, cache_dir=cache)
+        index = api.hf_hub_download(repo, kind.index_name, revision=info.sha, cache_dir=cache)
         return sorted(set(read_index(Path(index)).values()))
 
     try:
         wanted = files_to_fetch(names, index_shards)
         if not wanted:
             raise InputError(no_weights_message(f"{repo} on the Hub", names))
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=wanted, cache_dir=cache))
+        return Path(api.snapshot_download(repo, revision=revision, allow_patterns=wanted, cache_dir=cache))
     except InputError:
         raise
     except _http_errors() as exc:

@@ -27,7 +27,8 @@ def load(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a zip pickle, tensors mapped from the file, nothing of it executed."""
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
-            legacy = f.read(1) == b"\x80"  # a bare pickle: torch.save before 1.6 (or _use_new_zipfile_serialization=False)
+            # a bare pickle: torch.save before 1.6, or with _use_new_zipfile_serialization=False
+            legacy = f.read(1) == b"\x80"
         if legacy:
             size = path.stat().st_size / 1e9
             raise InputError(f"{path} is a PyTorch pickle in the legacy (pre-1.6) format, which cannot be memory-"
