@@ -122,16 +122,22 @@ def resident_bytes(shape: BlockShape, seqlen: int, elem_bytes: int) -> int:
 
 
 PROCESS_BYTES = 400 * 2**20  # torch, transformers, streamq: a tiny CPU run's RSS is ~360 MiB
+# what CUDA's context and libraries add to a process's RSS: 1.26-1.31 GiB measured on an H200
+# (peak RSS of roomy runs less this estimate without it, docs/benchmarks.md)
+CUDA_PROCESS_BYTES = 1280 * 2**20
 
 
 def host_bytes(shape: BlockShape, plan: Plan, n_samples: int, seqlen: int, elem_bytes: int,
-               source_elem_bytes: int) -> int:
+               source_elem_bytes: int, cuda: bool = False) -> int:
     """The host memory a run is expected to reach (an estimate, set beside the measured peak
     RSS in streamq.json): the process itself, one block's weights read from the shards, every
-    sample's activations where they live on the host, and parked experts in pinned memory."""
+    sample's activations where they live on the host, and parked experts in pinned memory. Not
+    counted: pinned buffers' rounding to powers of two, which the measured runs put at 27-39 %
+    of streamed activations on a GPU."""
     activations = 0 if plan.activations_on_device else n_samples * resident_bytes(shape, seqlen, elem_bytes)
     parked = shape.parkable_elems * elem_bytes if plan.experts_parked else 0
-    return PROCESS_BYTES + shape.weight_elems * source_elem_bytes + activations + parked
+    base = PROCESS_BYTES + (CUDA_PROCESS_BYTES if cuda else 0)
+    return base + shape.weight_elems * source_elem_bytes + activations + parked
 
 
 def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,

@@ -172,7 +172,7 @@ def forecast(model: str | Path, qcfg: QuantConfig = QuantConfig(), calib: CalibC
     return Forecast(
         source=source.to_json(), family=family.name, blocks=n_layers, device=str(dev), compute_dtype=dtype_name(dtype),
         budget=budget, fits=fits, plan=plan.to_json(),
-        host_bytes=host_bytes(shape, plan, calib.n_samples, calib.seqlen, elem, source_elem),
+        host_bytes=host_bytes(shape, plan, calib.n_samples, calib.seqlen, elem, source_elem, dev.type == "cuda"),
         output_bytes=out, source_bytes=sum(p.stat().st_size for p in reader.shards()) if reader is not None else None,
         format=fmt.name, w_bit=qcfg.w_bit, group_size=qcfg.group_size)
 

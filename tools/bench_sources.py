@@ -57,7 +57,8 @@ def run(model: Path, out: Path, args: argparse.Namespace) -> dict:
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
     info = json.loads((out / "streamq.json").read_text())
-    return {"seconds": round(time.time() - start, 1), "peak_rss_bytes": max(b["peak_rss_bytes"] for b in info["blocks"]),
+    return {"seconds": round(time.time() - start, 1),
+            "peak_rss_bytes": max(b["peak_rss_bytes"] for b in info["blocks"]),
             "file_bytes": sum(p.stat().st_size for p in model.iterdir() if p.name != "config.json")}
 
 

@@ -283,7 +283,7 @@ def stage_formats(args, work: Path, log: Path, deadline: float) -> dict:
     import importlib.util
 
     if importlib.util.find_spec("compressed_tensors") is None:
-        return {"ok": False, "error": "the compressed-tensors package is missing (carry its wheels: README)"}
+        return {"ok": False, "error": "the compressed-tensors package is missing (carry its wheels: docs/gpu.md)"}
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
