@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from streamq import engine, reference
+from streamq import engine, forecast, reference
 from streamq.config import CalibConfig, QuantConfig
 from streamq.errors import SettingsError
 
@@ -53,7 +53,7 @@ def test_forward_passes_of_one_sample_change_nothing_on_a_cpu(tiny_models, tmp_p
     in float32 and in the GPU's float16 arithmetic."""
     calib = CalibConfig(n_samples=6, seqlen=64)
     engine.quantize(tiny_models["llama"], tmp_path / "whole", calib=calib, device="cpu", compute=compute)
-    monkeypatch.setattr(engine, "forward_samples", lambda device: 1)
+    monkeypatch.setattr(forecast, "forward_samples", lambda device: 1)  # what the engine plans with
     summary = engine.quantize(tiny_models["llama"], tmp_path / "single", calib=calib, device="cpu", compute=compute)
     assert summary.plan.forward_samples == 1
     assert checkpoint_bytes(tmp_path / "single") == checkpoint_bytes(tmp_path / "whole")
