@@ -56,7 +56,6 @@ def test_the_plan_is_the_runs_and_the_size_is_what_it_writes(tiny_models, tmp_pa
     assert told.fits and told.plan == info["plan"]
     assert told.plan["experts_parked"] == (budget is not None and name == "qwen2_moe")
     assert told.output_bytes == tensor_bytes(tmp_path / "out")
-    assert told.host_bytes > max(b["peak_rss_bytes"] for b in info["blocks"]) // 4  # an estimate, of that order
 
 
 def test_a_run_that_does_not_fit_is_told_the_smallest_budget(tiny_models):
