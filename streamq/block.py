@@ -16,6 +16,7 @@ from .config import QuantConfig
 from .errors import InputError, NumericError
 from .families import Family
 from .formats import Format, dense_state
+from .timing import UNTIMED, Phases
 from .formats.awq import AWQ
 from .gptq import NotPositiveDefinite, gptq_quantize, hessian, scaled_hessian
 from .kernels import TORCH, Ops
@@ -191,6 +192,7 @@ def search_block(
     qcfg: QuantConfig,
     ops: Ops = TORCH,
     micro: int | None = None,
+    phases: Phases = UNTIMED,
 ) -> BlockRecords:
     """Search this block's scales and clips per qcfg.mode; the block is left as it was (the
     records are folded in float32 when the output is made). `ops` says whether the PyTorch path
@@ -218,7 +220,8 @@ def search_block(
             if qcfg.mode == "awq":
                 linears = [block.get_submodule(n) for n in group.linears]
                 inspect = block.get_submodule(group.inspect)
-                with loaded(parked_root(block, group.inspect)):  # one parked expert's group: on the device
+                with loaded(parked_root(block, group.inspect)), phases(f"scale {group.prev_op}"):
+                    # one parked expert's group: on the device while it is searched
                     scales, losses = search_scale(inspect, linears, x, x_mean,
                                                   kwargs if group.inspect_takes_block_kwargs else {}, qcfg,
                                                   ops.scaled_pseudo_quantize, micro)
@@ -233,12 +236,13 @@ def search_block(
         for name in linear_names(block):
             if name in family.no_clip or source[name] in cold:
                 continue
-            x_tok = sample_tokens(feats[source[name]], qcfg.clip_tokens).to(device)
-            if name in scale_of:  # the scaled linear sees x / s
-                x_tok = x_tok / scale_of[name].to(device=device, dtype=x_tok.dtype)
-            weight = folded_weight(block, name, records)
-            records.clips.append(ClipRecord(name, ops.search_clip(weight, x_tok, qcfg)))
-            del weight
+            with phases("clip"):
+                x_tok = sample_tokens(feats[source[name]], qcfg.clip_tokens).to(device)
+                if name in scale_of:  # the scaled linear sees x / s
+                    x_tok = x_tok / scale_of[name].to(device=device, dtype=x_tok.dtype)
+                weight = folded_weight(block, name, records)
+                records.clips.append(ClipRecord(name, ops.search_clip(weight, x_tok, qcfg)))
+                del weight
     return records
 
 
@@ -255,20 +259,26 @@ def quantize_block(
     micro: int | None = None,
     fmt: Format = AWQ,
     where: str = "",
+    phases: Phases = UNTIMED,
 ) -> tuple[BlockRecords, dict[str, torch.Tensor], list[torch.Tensor]]:
     """The whole AWQ step for one block: (records, output tensors, next block's inputs).
     The next block's inputs are this block's unquantized outputs (as llm-awq does), or with
     qcfg.next_input "quantized" the outputs of the block as the checkpoint holds it (the GPTQ
-    paper's sequential order: each block calibrated on what the quantized model feeds it)."""
-    feats, x_next = capture(block, x_chunks, kwargs, captured_inputs(block, family, config), store, micro)
+    paper's sequential order: each block calibrated on what the quantized model feeds it).
+    `phases` times capture, each scale group's search, the clip search, quantize-and-pack
+    (GPTQ's rounding included) and the quantized next-input pass."""
+    with phases("capture"):
+        feats, x_next = capture(block, x_chunks, kwargs, captured_inputs(block, family, config), store, micro)
     if qcfg.next_input == "quantized":
         del x_next
-    records = search_block(block, family, config, feats, kwargs, qcfg, ops, micro)
+    records = search_block(block, family, config, feats, kwargs, qcfg, ops, micro, phases)
     hessians = hessian_source(block, family, config, feats, records) if qcfg.gptq else None
     del feats  # GPTQ keeps the captured inputs through `hessians` until the last linear is done
-    tensors = output_tensors(block, records, qcfg, fmt, hessians, where)
+    with phases("gptq and pack" if qcfg.gptq else "quantize and pack"):
+        tensors = output_tensors(block, records, qcfg, fmt, hessians, where)
     if qcfg.next_input == "quantized":
-        x_next = capture(quantized_copy(block, tensors, qcfg, fmt), x_chunks, kwargs, set(), store, micro)[1]
+        with phases("next input (quantized)"):
+            x_next = capture(quantized_copy(block, tensors, qcfg, fmt), x_chunks, kwargs, set(), store, micro)[1]
     return records, tensors, x_next
 
 

@@ -36,6 +36,7 @@ from .models import (check_output_dir, claim_output_dir, compute_dtype, dtype_na
 from .placement import to_store
 from .shards import ShardReader
 from .sources import resolve
+from .timing import Phases
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
 
 OnBlock = Callable[[int, int], None]
@@ -447,16 +448,17 @@ def _build(run: Run, i: int):
     return block, run.family.block_kwargs(run.hf_config, run.calib.seqlen, run.device, run.dtype, i)
 
 
-def _quantize_one(run: Run, i: int, x_chunks: list[torch.Tensor]):
+def _quantize_one(run: Run, i: int, x_chunks: list[torch.Tensor], phases: Phases):
     """Block i built from the shards and quantized; a device that runs out of memory on the way
     ends the run with the budget that would fit (the block's partial work dropped, the journal
     left at the last finished block)."""
     try:
-        block, kwargs = _build(run, i)
-        check_finite(block, run.family.block_prefix(i))
+        with phases("read and upload weights"):
+            block, kwargs = _build(run, i)
+            check_finite(block, run.family.block_prefix(i))
         faults.point(f"block{i}:search")
         return quantize_block(block, run.family, run.hf_config, x_chunks, kwargs, run.qcfg, run.store, run.ops,
-                              run.plan.forward_samples, run.fmt, where=run.family.block_prefix(i))
+                              run.plan.forward_samples, run.fmt, where=run.family.block_prefix(i), phases=phases)
     except torch.OutOfMemoryError:
         peak = peak_device(run.device)
     # past the except clause the failed work's frames are gone, so the cache can hand its memory back
@@ -508,8 +510,9 @@ def _loop(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torch.
             t0 = time.time()
             reset_peaks(dev)
             prefix = family.block_prefix(i)
+            phases = Phases(dev)
             with _resumable(run, i):
-                records, tensors, x_chunks = _quantize_one(run, i, x_chunks)
+                records, tensors, x_chunks = _quantize_one(run, i, x_chunks, phases)
             check_storable(tensors, prefix)
             for name, t in tensors.items():
                 writer.add(prefix + name, t)
@@ -518,8 +521,9 @@ def _loop(run: Run, journal: Journal, writer: ShardWriter, x_chunks: list[torch.
             del records, tensors
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            stats = {"block": i, "seconds": round(time.time() - t0, 3), "peak_rss_bytes": peak_rss(),
-                     "peak_gpu_bytes": peak_device(dev), "peak_gpu_reserved_bytes": peak_reserved(dev)}
+            stats = {"block": i, "seconds": round(time.time() - t0, 3), "phases": phases.to_json(),
+                     "peak_rss_bytes": peak_rss(), "peak_gpu_bytes": peak_device(dev),
+                     "peak_gpu_reserved_bytes": peak_reserved(dev)}
             if experts:
                 stats["experts"] = experts
             journal.commit(i + 1, writer, x_chunks, stats)

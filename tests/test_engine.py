@@ -62,6 +62,11 @@ def test_forward_passes_of_one_sample_change_nothing_on_a_cpu(tiny_models, tmp_p
 def test_streamq_json_records_plan_and_measured_peaks(tiny_models, tmp_path):
     summary = engine.quantize(tiny_models["opt"], tmp_path / "o", calib=CALIB, max_gpu_mem=10**9, device="cpu")
     info = json.loads((tmp_path / "o" / "streamq.json").read_text())
+    for block in info["blocks"]:  # where the time went: every phase of the block, inside its seconds
+        assert set(block["phases"]) == {"read and upload weights", "capture", "scale self_attn_layer_norm",
+                                        "scale self_attn.v_proj", "scale final_layer_norm", "scale fc1", "clip",
+                                        "quantize and pack"}
+        assert 0 < sum(block["phases"].values()) <= block["seconds"]
     assert info["engine"] == "stream" and info["max_gpu_mem"] == 10**9
     assert info["plan"]["chunk_samples"] == summary.plan.chunk_samples
     assert [b["block"] for b in info["blocks"]] == [0, 1]

@@ -393,6 +393,9 @@ def stage_wide(name: str, method: str = "awq"):
                 "peak_reserved_bytes": max(reserved) if reserved else None,
                 "peak_rss_bytes": max(b["peak_rss_bytes"] for b in blocks),
                 "kernels": info.get("kernels"), "compute_dtype": info.get("compute_dtype"),
+                # where a block's time goes: each phase's median over the blocks (streamq.json per block)
+                "phases": {name: round(statistics.median(b.get("phases", {}).get(name, 0.0) for b in blocks), 3)
+                           for name in sorted({n for b in blocks for n in b.get("phases", {})})},
             }
             digests[label] = output_digest(out)
         runs = result["runs"]
@@ -481,8 +484,10 @@ def figures(name: str, r: dict) -> str:
                 continue
             alloc = run["peak_allocated_bytes"]
             mem = f"alloc {alloc / GiB:.2f}" if alloc is not None else f"RSS {run['peak_rss_bytes'] / GiB:.2f}"
+            top = sorted(run.get("phases", {}).items(), key=lambda kv: -kv[1])[:3]
+            where = f" ({', '.join(f'{k} {v:.1f}' for k, v in top)})" if top else ""
             parts.append(f"{label} {run['budget_bytes'] / GiB:.2f} GiB: plan {run['planned_peak_bytes'] / GiB:.2f}, "
-                         f"{mem} GiB, {run['median_block_seconds']:.1f} s/block")
+                         f"{mem} GiB, {run['median_block_seconds']:.1f} s/block{where}")
         return f"identical {r.get('identical')}; " + "; ".join(parts)
     if name == "bench-kernels":
         return f"{len(r.get('table', [])) - 3} rows (see summary.json)"
