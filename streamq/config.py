@@ -117,6 +117,12 @@ class QuantConfig:
     def storage_torch_dtype(self) -> torch.dtype:
         return STORAGE_DTYPES[self.storage_dtype]
 
+    @property
+    def data_free(self) -> bool:
+        """Round-to-nearest without GPTQ reads no activation: no tokenizer, no calibration pass,
+        no activations to plan or keep, and the same output (it depends on the weights alone)."""
+        return self.mode == "rtn" and not self.gptq
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 

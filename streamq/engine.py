@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from . import faults, parallel
-from .block import capture, check_finite, check_storable, quantize_block
+from .block import BlockRecords, capture, check_finite, check_storable, output_tensors, quantize_block
 from .budget import Plan, format_bytes
 from .calib import calibration_blocks, tokens_digest
 from .checkpoint import check_non_block_tensors, write_metadata, write_non_block_tensors
@@ -78,6 +78,10 @@ class Run:
     def store(self) -> torch.device:
         return self.device if self.plan.activations_on_device else torch.device("cpu")
 
+    @property
+    def data_free(self) -> bool:
+        return self.qcfg.data_free
+
 
 def _setup(model_dir: Path, qcfg: QuantConfig, calib: CalibConfig, device: str, max_gpu_mem: int | None,
            dtype_request: str) -> tuple[ShardReader, Any, Family, torch.device, torch.dtype, Plan, int | None]:
@@ -110,12 +114,17 @@ def _prepare(model_dir: Path, out_dir: Path, qcfg: QuantConfig, calib: CalibConf
                max_gpu_mem, shard_bytes, ops, note, fmt)
 
 
-def _calibration_ids(run: Run) -> torch.Tensor:
+def _calibration_ids(run: Run) -> torch.Tensor | None:
+    if run.data_free:
+        return None
     return calibration_blocks(run.calib, load_tokenizer(run.model_dir), run.hf_config.vocab_size)
 
 
-def _first_block_inputs(run: Run, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Block 0's inputs per chunk, from the mmap'd embedding tables, kept where the plan says."""
+def _first_block_inputs(run: Run, ids: torch.Tensor | None) -> list[torch.Tensor]:
+    """Block 0's inputs per chunk, from the mmap'd embedding tables, kept where the plan says
+    (none for a data-free run)."""
+    if ids is None:
+        return []
     chunks = [to_store(run.family.embed(run.reader.get, run.hf_config, c, run.device, run.dtype), run.store)
               for c in ids.split(run.plan.chunk_samples)]
     run.reader.release()
@@ -167,7 +176,7 @@ def quantize(
             held.callback(claim_output_dir(out_dir, overwrite).release)
         settings = {"model_dir": str(source.path), "source": source.to_json(), "quant": run.qcfg.to_json(),
                     "format": fmt.name, "calib": calib.to_json(), "shard_bytes": shard_bytes,
-                    "fingerprint": run.reader.fingerprint(), "tokens_sha256": tokens_digest(ids),
+                    "fingerprint": run.reader.fingerprint(), "tokens_sha256": tokens_digest(ids) if ids is not None else None,
                     "compute_dtype": str(run.dtype), "compute_dtype_requested": compute,
                     "forward_samples": run.plan.forward_samples, "kernels": run.ops.name}
         n_layers = run.family.n_layers(run.hf_config)
@@ -180,7 +189,7 @@ def quantize(
         journal = Journal.start(out_dir, settings, n_layers, world.rank, first=ranges[world.rank][0])
         if not world.first:  # each rank its own folder; rank 0 holds the top level
             held.callback(journal_lock(out_dir, world.rank).acquire().release)
-        x_chunks = _first_block_inputs(run, ids) if world.first else None
+        x_chunks = _first_block_inputs(run, ids) if world.first or run.data_free else None
         return _parallel_blocks(run, comm, journal, journal.new_writer(shard_bytes), x_chunks, start)
 
 
@@ -256,7 +265,8 @@ def resume(out_dir: str | Path, device: str = "auto", max_gpu_mem: int | None = 
         run = _reopen(journal, device, max_gpu_mem, kernels, compute)
         journal.verify_and_clean()
         done = state["done_blocks"]
-        x_chunks = _first_block_inputs(run, _calibration_ids(run)) if done == 0 else _saved_inputs(run, journal)
+        fresh = done == 0 or run.data_free
+        x_chunks = _first_block_inputs(run, _calibration_ids(run)) if fresh else _saved_inputs(run, journal)
         writer = journal.load_writer(state["settings"]["shard_bytes"])
         summary = _blocks(run, journal, writer, x_chunks, done, start, on_block)
     summary.resumed_from = done
@@ -304,6 +314,8 @@ def _parallel_resumed(run: Run, comm: parallel.Comm, journal: Journal, world: pa
     done = journal.state["done_blocks"]
     if journal.state["hidden"]:
         x_chunks = _saved_inputs(run, journal)
+    elif run.data_free:
+        x_chunks = []
     else:  # nothing done and no input received yet: rank 0 embeds, the others wait for theirs
         x_chunks = _first_block_inputs(run, _calibration_ids(run)) if world.first else None
     writer = journal.load_writer(journal.state["settings"]["shard_bytes"])
@@ -431,7 +443,8 @@ def _write_metadata(run: Run, journal: Journal, blocks: list[dict], extra: dict 
                    settings["tokens_sha256"], settings["fingerprint"], run.fmt, settings.get("source"),
                    extra={"engine": "stream", "device": str(run.device), "kernels": run.ops.name,
                           "compute_dtype": dtype_name(run.dtype), "max_gpu_mem": run.max_gpu_mem,
-                          "plan": run.plan.to_json(), **(extra or {}), "blocks": blocks})
+                          "plan": run.plan.to_json(), "data_free": run.data_free, **(extra or {}),
+                          "blocks": blocks})
 
 
 def _totals(run: Run, summary: Summary, start: float) -> Summary:
@@ -457,6 +470,10 @@ def _quantize_one(run: Run, i: int, x_chunks: list[torch.Tensor], phases: Phases
             block, kwargs = _build(run, i)
             check_finite(block, run.family.block_prefix(i))
         faults.point(f"block{i}:search")
+        if run.data_free:
+            with phases("quantize and pack"):
+                return BlockRecords(), output_tensors(block, BlockRecords(), run.qcfg, run.fmt,
+                                                      where=run.family.block_prefix(i)), []
         return quantize_block(block, run.family, run.hf_config, x_chunks, kwargs, run.qcfg, run.store, run.ops,
                               run.plan.forward_samples, run.fmt, where=run.family.block_prefix(i), phases=phases)
     except torch.OutOfMemoryError:

@@ -29,8 +29,11 @@ GB = 1e9
 def block_plan(hf_config: Any, family: Family, qcfg: QuantConfig, calib: CalibConfig, dev: torch.device,
                dtype: torch.dtype, budget: int | None) -> tuple[BlockShape, Plan]:
     """The block's shapes and the plan for them under `budget` (SettingsError where one block
-    does not fit); every block has the same shapes."""
+    does not fit); every block has the same shapes. A data-free run (RTN) plans one block's
+    weights and their quantization, no sample in flight."""
     check_seqlen(hf_config, calib.seqlen)
+    if qcfg.data_free:
+        calib = CalibConfig(n_samples=1, seqlen=2)
     block = meta_block(hf_config)
     check_shapes(block, family.block_prefix(0), qcfg.group_size)
     shape = BlockShape.of(block, captured_inputs(block, family, hf_config), family.scale_groups(hf_config),
@@ -172,7 +175,8 @@ def forecast(model: str | Path, qcfg: QuantConfig = QuantConfig(), calib: CalibC
     return Forecast(
         source=source.to_json(), family=family.name, blocks=n_layers, device=str(dev), compute_dtype=dtype_name(dtype),
         budget=budget, fits=fits, plan=plan.to_json(),
-        host_bytes=host_bytes(shape, plan, calib.n_samples, calib.seqlen, elem, source_elem, dev.type == "cuda"),
+        host_bytes=host_bytes(shape, plan, 0 if qcfg.data_free else calib.n_samples, calib.seqlen, elem,
+                              source_elem, dev.type == "cuda"),
         output_bytes=out, source_bytes=sum(p.stat().st_size for p in reader.shards()) if reader is not None else None,
         format=fmt.name, w_bit=qcfg.w_bit, group_size=qcfg.group_size)
 

@@ -176,8 +176,9 @@ class Journal:
         """Record that `done` blocks are finished; `hidden` are the inputs of block `done`."""
         previous_hidden = self.state["hidden"]
         writer.sync()
-        hidden_name = f"hidden-{done:05d}.safetensors"
-        self._save(hidden_name, {"hidden": torch.cat([h.cpu() for h in hidden])})
+        hidden_name = f"hidden-{done:05d}.safetensors" if hidden else None  # none in a data-free run
+        if hidden_name:
+            self._save(hidden_name, {"hidden": torch.cat([h.cpu() for h in hidden])})
         faults.point(f"block{done - 1}:hidden")
         self.state.update(done_blocks=done, writer=writer.state(), hidden=hidden_name,
                           blocks=self.state["blocks"] + [block_stats])

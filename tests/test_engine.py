@@ -46,6 +46,30 @@ def test_streamed_equals_reference(family_model, tmp_path, mode, device):
     assert plans[2].chunk_samples == 1
 
 
+@pytest.mark.parametrize("name", ["opt", "llama_gqa"])
+def test_rtn_reads_no_activation_and_writes_the_calibrated_bytes(tiny_models, tmp_path, monkeypatch, name):
+    """--mode rtn depends on the weights alone: no tokenizer is loaded, no calibration text read
+    (the one named does not even exist), no embedding looked up, no hidden state journaled, and
+    the plan holds no sample; the bytes are the calibrated reference's."""
+    path = tiny_models[name]
+    reference.quantize(path, tmp_path / "ref", QuantConfig(mode="rtn"), calib_for(name, tmp_path), device="cpu",
+                       shard_bytes=400_000)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a data-free run read activations")
+
+    monkeypatch.setattr(engine, "load_tokenizer", never)
+    monkeypatch.setattr(engine, "calibration_blocks", never)
+    calib = CalibConfig(source=str(tmp_path / "no-such-text.txt"), n_samples=6, seqlen=64)
+    monkeypatch.setattr(engine.Run, "store", property(never))  # where activations would be kept
+    summary = engine.quantize(path, tmp_path / "out", QuantConfig(mode="rtn"), calib, device="cpu",
+                              shard_bytes=400_000)
+    assert checkpoint_bytes(tmp_path / "out") == checkpoint_bytes(tmp_path / "ref")
+    info = json.loads((tmp_path / "out" / "streamq.json").read_text())
+    assert info["data_free"] and info["calib"]["tokens_sha256"] is None
+    assert summary.plan.chunk_samples == 1 and not list((tmp_path / "out" / ".streamq").glob("hidden-*"))
+
+
 @pytest.mark.parametrize("compute", ["float32", "float16"])
 def test_forward_passes_of_one_sample_change_nothing_on_a_cpu(tiny_models, tmp_path, monkeypatch, compute):
     """A GPU runs every forward pass on one sample (budget.forward_samples) so that the budget

@@ -308,3 +308,12 @@ def test_sigkill_at_random_moments_of_run_and_resume(tiny_models, uninterrupted,
             assert streamq("resume", out).returncode == 0
         assert checkpoint(out) == uninterrupted["opt"], (seed, first)
         assert not [p for p in out.rglob("*.tmp")], seed
+
+
+def test_a_data_free_rtn_run_killed_and_resumed_is_byte_identical(tiny_models, tmp_path):
+    """No hidden states are journaled (there are none); the resume still starts at the first
+    unfinished block and writes the same bytes."""
+    from helpers import killed_run_resumes_byte_identical
+
+    killed_run_resumes_byte_identical(["--model", str(tiny_models["opt"]), "--mode", "rtn", "--device", "cpu",
+                                       "--shard-size", "60KB"], tmp_path, kill_at="block1:journal")
