@@ -66,6 +66,7 @@ class Forecast:
     format: str
     w_bit: int
     group_size: int
+    data_free: bool = False  # round-to-nearest: no calibration, no activations
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -78,10 +79,12 @@ class Forecast:
         where = ("on the device" if p["activations_on_device"] else
                  "in host memory" + (", streamed to the device" if self.device != "cpu" else ""))
         smallest = format_bytes(p["minimum_bytes"], up=True)
+        work = (f"chunks of {_samples(p['chunk_samples'])}, activations {where}, forward passes of {passes}"
+                if not self.data_free else "its weights rounded to nearest (no calibration, no activations)")
         lines = [
             f"{self.source['asked']}: {self.family}, {self.blocks} blocks ({size}); {self.device}, computing in "
             f"{self.compute_dtype}, {budget}",
-            f"  every block: chunks of {_samples(p['chunk_samples'])}, activations {where}, forward passes of {passes}"
+            f"  every block: {work}"
             f"{'; routed experts parked in host memory, one at a time on the device' if p['experts_parked'] else ''}",
             f"  device peak (estimated): {format_bytes(p['estimated_peak_bytes'], up=True)}; smallest budget that "
             f"fits: {smallest}",
@@ -178,7 +181,7 @@ def forecast(model: str | Path, qcfg: QuantConfig = QuantConfig(), calib: CalibC
         host_bytes=host_bytes(shape, plan, 0 if qcfg.data_free else calib.n_samples, calib.seqlen, elem,
                               source_elem, dev.type == "cuda"),
         output_bytes=out, source_bytes=sum(p.stat().st_size for p in reader.shards()) if reader is not None else None,
-        format=fmt.name, w_bit=qcfg.w_bit, group_size=qcfg.group_size)
+        format=fmt.name, w_bit=qcfg.w_bit, group_size=qcfg.group_size, data_free=qcfg.data_free)
 
 
 def _config_dtype(hf_config: Any) -> torch.dtype | None:

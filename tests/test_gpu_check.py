@@ -68,7 +68,7 @@ def test_wide_stages_run_both_budgets_byte_identical(cpu_run, name):
     assert tight["budget_bytes"] < roomy["budget_bytes"] and tight["chunk_samples"] == 1
     for run in (roomy, tight):
         assert len(run["block_seconds"]) == 2 and run["planned_peak_bytes"] <= run["budget_bytes"]
-        assert {"capture", "clip", "read and upload weights"} <= set(run["phases"])
+        assert {"capture", "read and upload weights"} <= set(run["phases"])  # gptq alone has no clip phase
         assert sum(run["phases"].values()) <= 1.05 * sum(run["block_seconds"])
         assert run["compute_dtype"] == "float32" and run["kernels"] == "torch"
         assert run["peak_allocated_bytes"] is None and run["peak_rss_bytes"] > 0  # a CPU run
