@@ -5,6 +5,7 @@ The engine plans its runs with the same function (block_plan), so the two cannot
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def _non_block_bytes(model_dir: Path, hf_config: Any, family: Family, elem: int)
     prefix = family.layers_prefix + "."
     if find(model_dir) is not None:
         reader = open_checkpoint(model_dir, headers_only=True)[0]
-        return sum(elem * _numel(reader.info(n).shape) for n in reader.names() if not n.startswith(prefix))
+        return sum(elem * math.prod(reader.info(n).shape) for n in reader.names() if not n.startswith(prefix))
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -123,13 +124,6 @@ def _non_block_bytes(model_dir: Path, hf_config: Any, family: Family, elem: int)
     kept = [n for n, _ in model.named_parameters()]  # a tied tensor once, as save_pretrained writes it
     kept += [n for n in state if n not in every_param]  # persistent buffers
     return sum(elem * state[n].numel() for n in kept if not n.startswith(prefix))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _target_device(device: str, budget: int | None) -> torch.device:
