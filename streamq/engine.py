@@ -176,7 +176,8 @@ def quantize(
             held.callback(claim_output_dir(out_dir, overwrite).release)
         settings = {"model_dir": str(source.path), "source": source.to_json(), "quant": run.qcfg.to_json(),
                     "format": fmt.name, "calib": calib.to_json(), "shard_bytes": shard_bytes,
-                    "fingerprint": run.reader.fingerprint(), "tokens_sha256": tokens_digest(ids) if ids is not None else None,
+                    "fingerprint": run.reader.fingerprint(),
+                    "tokens_sha256": tokens_digest(ids) if ids is not None else None,
                     "compute_dtype": str(run.dtype), "compute_dtype_requested": compute,
                     "forward_samples": run.plan.forward_samples, "kernels": run.ops.name}
         n_layers = run.family.n_layers(run.hf_config)
@@ -470,10 +471,11 @@ def _quantize_one(run: Run, i: int, x_chunks: list[torch.Tensor], phases: Phases
             block, kwargs = _build(run, i)
             check_finite(block, run.family.block_prefix(i))
         faults.point(f"block{i}:search")
-        if run.data_free:
+        if run.data_free:  # nothing searched: the weights rounded as they are
             with phases("quantize and pack"):
-                return BlockRecords(), output_tensors(block, BlockRecords(), run.qcfg, run.fmt,
-                                                      where=run.family.block_prefix(i)), []
+                records = BlockRecords()
+                tensors = output_tensors(block, records, run.qcfg, run.fmt, where=run.family.block_prefix(i))
+                return records, tensors, []
         return quantize_block(block, run.family, run.hf_config, x_chunks, kwargs, run.qcfg, run.store, run.ops,
                               run.plan.forward_samples, run.fmt, where=run.family.block_prefix(i), phases=phases)
     except torch.OutOfMemoryError:

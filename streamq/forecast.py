@@ -20,7 +20,8 @@ from .errors import SettingsError
 from .families import Family, detect
 from .families.base import meta_block
 from .formats import Format, by_name, settle
-from .models import check_seqlen, compute_dtype, dtype_name, load_config, open_checkpoint
+from .models import check_seqlen, compute_dtype, dtype_name, load_config, open_checkpoint, resolve_device
+from .shards import ShardReader
 from .sources import resolve
 from .sources.files import find
 
@@ -108,12 +109,11 @@ def _size(n: int) -> str:
     return f"{n / GB:.2f} GB" if n >= GB / 10 else f"{n / 1e6:.2f} MB"
 
 
-def _non_block_bytes(model_dir: Path, hf_config: Any, family: Family, elem: int) -> int:
+def _non_block_bytes(reader: ShardReader | None, hf_config: Any, family: Family, elem: int) -> int:
     """The tensors outside the blocks (embeddings, final norm, lm_head when untied), stored in
     the storage dtype: from the shards' headers, else from the config on the meta device."""
     prefix = family.layers_prefix + "."
-    if find(model_dir) is not None:
-        reader = open_checkpoint(model_dir, headers_only=True)[0]
+    if reader is not None:
         return sum(elem * math.prod(reader.info(n).shape) for n in reader.names() if not n.startswith(prefix))
     from transformers import AutoModelForCausalLM
 
@@ -129,11 +129,9 @@ def _non_block_bytes(model_dir: Path, hf_config: Any, family: Family, elem: int)
 def _target_device(device: str, budget: int | None) -> torch.device:
     """The device to plan for: a CUDA device may be planned on a machine without one, given the
     budget (what a 40 GB card would offer), as nothing runs."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not device.startswith("cuda"):
-        raise SettingsError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available() and budget is None:
+    if not device.startswith("cuda") or torch.cuda.is_available():
+        return resolve_device(device)
+    if budget is None:
         raise SettingsError("planning for a CUDA device on a machine without one needs --max-gpu-mem (the memory "
                             "the run would have, e.g. 40GB)")
     return torch.device(device)
@@ -144,10 +142,11 @@ def forecast(model: str | Path, qcfg: QuantConfig = QuantConfig(), calib: CalibC
              revision: str | None = None, format: str = "awq") -> Forecast:
     """What `streamq run` with these settings would plan and need, reading no weight."""
     source = resolve(model, revision, weights=False)
-    hf_config = load_config(source.path)
-    has_weights = find(source.path) is not None
-    reader = open_checkpoint(source.path, headers_only=True)[0] if has_weights else None
-    family = detect(hf_config)
+    if find(source.path) is not None:
+        reader, hf_config, family = open_checkpoint(source.path, headers_only=True)
+    else:  # a Hub id planned from its config alone
+        reader, hf_config = None, load_config(source.path)
+        family = detect(hf_config)
     dev = _target_device(device, max_gpu_mem)
     stored = reader.float_dtype() if reader is not None else _config_dtype(hf_config)
     dtype = compute_dtype(dev, compute, stored)
@@ -167,7 +166,7 @@ def forecast(model: str | Path, qcfg: QuantConfig = QuantConfig(), calib: CalibC
     source_elem = torch.finfo(stored).bits // 8 if stored is not None else 2
     storage_elem = torch.finfo(qcfg.storage_torch_dtype).bits // 8
     n_layers = family.n_layers(hf_config)
-    out = n_layers * output_bytes(meta_block(hf_config), qcfg, fmt) + _non_block_bytes(source.path, hf_config, family,
+    out = n_layers * output_bytes(meta_block(hf_config), qcfg, fmt) + _non_block_bytes(reader, hf_config, family,
                                                                                       storage_elem)
     return Forecast(
         source=source.to_json(), family=family.name, blocks=n_layers, device=str(dev), compute_dtype=dtype_name(dtype),

@@ -127,21 +127,22 @@ def claim_output_dir(out_dir: Path, overwrite: bool) -> FolderLock:
     try:
         check_output_dir(out_dir, overwrite)
         for path in _contents(out_dir):
-            if path == journal_dir(out_dir):
-                for inner in path.iterdir():
-                    if inner.name != LOCK_NAME:
-                        shutil.rmtree(inner) if inner.is_dir() and not inner.is_symlink() else inner.unlink()
-            else:
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path != journal_dir(out_dir):
+                _remove(path)
+                continue
+            for inner in path.iterdir():  # the journal folder: all but the lock just taken
+                if inner.name != LOCK_NAME:
+                    _remove(inner)
     except BaseException:
-        held.release()
-        if created:  # leave the folder as it was found: no lock file in someone else's directory
-            (journal_dir(out_dir) / LOCK_NAME).unlink(missing_ok=True)
-            journal_dir(out_dir).rmdir()
-            if made_folder:
-                out_dir.rmdir()
+        held.release(remove=created)  # leave the folder as it was found: no lock in someone else's directory
+        if made_folder:
+            out_dir.rmdir()
         raise
     return held
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def refuse_unfinished(model_dir: Path) -> None:
