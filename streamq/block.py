@@ -36,6 +36,7 @@ from .search import (
     salient_channels,
     sample_tokens,
     search_scale,
+    search_scale_gram,
     token_count,
 )
 
@@ -222,9 +223,12 @@ def search_block(
                 inspect = block.get_submodule(group.inspect)
                 with loaded(parked_root(block, group.inspect)), phases(f"scale {group.prev_op}"):
                     # one parked expert's group: on the device while it is searched
-                    scales, losses = search_scale(inspect, linears, x, x_mean,
-                                                  kwargs if group.inspect_takes_block_kwargs else {}, qcfg,
-                                                  ops.scaled_pseudo_quantize, micro)
+                    if qcfg.gram_loss and group.own_output:
+                        scales, losses = search_scale_gram(inspect, x, x_mean, qcfg, ops.scaled_pseudo_quantize)
+                    else:
+                        scales, losses = search_scale(inspect, linears, x, x_mean,
+                                                      kwargs if group.inspect_takes_block_kwargs else {}, qcfg,
+                                                      ops.scaled_pseudo_quantize, micro)
             else:
                 scales, losses = fixed_scale(x_mean, qcfg.salient_frac), []
             records.scales.append(ScaleRecord(group.prev_op, group.linears, scales, losses, group.prev_rows,

@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from . import gram
 from .errors import SettingsError
 from .search import CLIP_MAX_ELEMS
 
@@ -63,10 +64,15 @@ class BlockShape:
     parkable_elems: int = 0  # parameters of the modules that may wait in host memory (routed experts)
     largest_parkable: int = 0  # parameters of the largest such module (one expert)
     resident_group: int = 0  # elements of the largest group's weights cloned on the device when parked
+    # a Gram-matrix search (gram.py) of the largest such group, beside its linear's weights: G whole
+    # on the device, or one block of it at a time when G waits in host memory; and G's size
+    gram_device_bytes: int = 0
+    gram_streamed_bytes: int = 0
+    gram_bytes: int = 0
 
     @classmethod
     def of(cls, block: nn.Module, captured: Iterable[str], groups: Iterable, group_size: int,
-           clip_tokens: int) -> "BlockShape":
+           clip_tokens: int, gram_loss: bool = True) -> "BlockShape":
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         hidden = min(m.in_features for m in linears.values())
         groups = list(groups)
@@ -97,7 +103,17 @@ class BlockShape:
             return (clip_tokens * m.in_features * 12 + batch * m.in_features * 24
                     + n_group * clip_tokens * batch * FLOAT32)
 
+        def gram_work(m: nn.Linear, whole: bool) -> int:
+            # the candidate's error and the float32 copy it is made from, one block's product
+            # [out, block], and G whole or two of its blocks (one in use, one arriving)
+            g = gram.gram_bytes(m.in_features) if whole else 2 * gram.block_bytes(m.in_features)
+            return 2 * m.weight.numel() * FLOAT32 + m.out_features * min(m.in_features, gram.GRAM_BLOCK) * FLOAT32 + g
+
+        own = [linears[g.inspect] for g in groups if gram_loss and g.own_output]
         return cls(
+            gram_device_bytes=max([gram_work(m, True) for m in own] or [0]),
+            gram_streamed_bytes=max([gram_work(m, False) for m in own] or [0]),
+            gram_bytes=max([gram.gram_bytes(m.in_features) for m in own] or [0]),
             weight_elems=sum(p.numel() for p in block.parameters()),
             largest_linear=max(m.weight.numel() for m in linears.values()),
             largest_group=max([sum(linears[n].weight.numel() for n in g.linears) for g in groups] or [0]),
@@ -131,10 +147,12 @@ def host_bytes(shape: BlockShape, plan: Plan, n_samples: int, seqlen: int, elem_
                source_elem_bytes: int, cuda: bool = False) -> int:
     """The host memory a run is expected to reach (an estimate, set beside the measured peak
     RSS in streamq.json): the process itself, one block's weights read from the shards, every
-    sample's activations where they live on the host, and parked experts in pinned memory. Not
+    sample's activations where they live on the host (with a Gram-matrix search's G), and parked
+    experts in pinned memory. Not
     counted: pinned buffers' rounding to powers of two, which the measured runs put at 27-39 %
     of streamed activations on a GPU."""
     activations = 0 if plan.activations_on_device else n_samples * resident_bytes(shape, seqlen, elem_bytes)
+    activations += 0 if plan.activations_on_device else shape.gram_bytes  # G beside them, streamed
     parked = shape.parkable_elems * elem_bytes if plan.experts_parked else 0
     base = PROCESS_BYTES + (CUDA_PROCESS_BYTES if cuda else 0)
     return base + shape.weight_elems * source_elem_bytes + activations + parked
@@ -156,17 +174,17 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
     # linear (its folded float32 weight turned into codes in place, uint8 codes and their
     # transpose, int64 words and their temporaries), or with GPTQ its Hessian and inverse factor
     # beside the weight, or the quantized copy of the block's weights on the device
-    def transient(device_weights: int) -> int:
+    # or the Gram-matrix search (G whole where the activations stay on the device)
+    def transient(device_weights: int, gram_bytes: int) -> int:
         return max(2 * L * e + L * FLOAT32, shape.clip_bytes + L * FLOAT32, 7 * L, shape.gptq_bytes if gptq else 0,
-                   device_weights * e if twin else 0)
+                   device_weights * e if twin else 0, gram_bytes)
 
     # whole: the block's weights and, during a group's search, the group's originals; parked:
     # the weights but the experts', the originals of the group's linears that are not parked, one
     # expert loaded and the originals of its own group
-    whole = shape.weight_elems * e + shape.largest_group * e + SLACK_BYTES + transient(shape.weight_elems)
+    whole = shape.weight_elems * e + shape.largest_group * e + SLACK_BYTES
     kept = shape.weight_elems - shape.parkable_elems
-    parked = (kept * e + shape.resident_group * e + 2 * shape.largest_parkable * e + SLACK_BYTES
-              + transient(kept))
+    parked = kept * e + shape.resident_group * e + 2 * shape.largest_parkable * e + SLACK_BYTES
     resident = resident_bytes(shape, seqlen, e)
     # per sample in one forward pass: the block's intermediates; and one sample's error in float32
     per_forward = seqlen * e * (4 * shape.widest + 6 * shape.hidden)
@@ -176,19 +194,21 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
     # inputs are captured, the residuals too (and the routes: 64 bytes a token bound them)
     batch_out = seqlen * (3 * shape.hidden * e + 64)
 
-    def peaks(fixed: int, per_chunk: int):
+    def peaks(fixed: int, device_weights: int, per_chunk: int):
         def on_device(c: int) -> int:
-            return fixed + n_samples * resident + (micro or c) * per_forward + loss + c * per_chunk
+            return (fixed + transient(device_weights, shape.gram_device_bytes) + n_samples * resident
+                    + (micro or c) * per_forward + loss + c * per_chunk)
 
         def streamed(c: int) -> int:
-            return fixed + 2 * c * resident + (micro or c) * per_forward + loss + c * per_chunk
+            return (fixed + transient(device_weights, shape.gram_streamed_bytes) + 2 * c * resident
+                    + (micro or c) * per_forward + loss + c * per_chunk)
         return on_device, streamed
 
     options = []
     if park is not True or not shape.parkable_elems:
-        options.append((False, *peaks(whole, 0)))
+        options.append((False, *peaks(whole, shape.weight_elems, 0)))
     if park is not False and shape.parkable_elems:
-        options.append((True, *peaks(parked, batch_out)))
+        options.append((True, *peaks(parked, kept, batch_out)))
     minimum = min(streamed(1) for _, _, streamed in options)
     if budget is None:
         c = min(n_samples, default_chunk)

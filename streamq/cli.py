@@ -77,7 +77,8 @@ def overwrite_option():
 def settings(w_bit: int, group_size: int, method: Method, mode: Mode, symmetric: bool, clip: bool, gptq_damp: float,
              gptq_act_order: bool | None, next_input: str, recipe: str, duo_scaling: bool | None,
              alpha_one: bool | None, identity: bool | None, bos: bool | None, clip_tokens: int | None,
-             min_expert_tokens: int, calib: str | None, n_samples: int, seqlen: int) -> tuple[QuantConfig, CalibConfig]:
+             min_expert_tokens: int, calib: str | None, n_samples: int, seqlen: int,
+             gram_loss: bool | None = None) -> tuple[QuantConfig, CalibConfig]:
     """The run's settings from its options (run and plan share them)."""
     if method != Method.awq and mode != Mode.awq:
         raise SettingsError(f"--mode {mode.value} is an ablation of --method awq, not of --method {method.value}")
@@ -85,7 +86,7 @@ def settings(w_bit: int, group_size: int, method: Method, mode: Mode, symmetric:
         raise SettingsError("--gptq-act-order orders GPTQ's columns: use it with --method gptq or awq+gptq")
     quant_recipe, calib_recipe = recipe_settings(recipe, duo_scaling=duo_scaling, alpha_one=alpha_one,
                                                  identity=identity, bos=bos, clip_tokens=clip_tokens,
-                                                 gptq_act_order=gptq_act_order)
+                                                 gptq_act_order=gptq_act_order, gram_loss=gram_loss)
     if method == Method.awq:
         quant_recipe["gptq_act_order"] = False  # no GPTQ rounding: nothing to order
     if next_input == "auto":
@@ -150,6 +151,8 @@ def run(
                                              rich_help_panel=SWITCH),
     identity: Optional[bool] = typer.Option(None, "--identity/--no-identity", help="Grid tries s = 1.",
                                             rich_help_panel=SWITCH),
+    gram_loss: Optional[bool] = typer.Option(None, "--gram-loss/--no-gram-loss",
+                                             help="Judge v->o, up->down by Gram.", rich_help_panel=SWITCH),
     clip_tokens: Optional[int] = typer.Option(None, "--clip-tokens", help="Tokens the clip search judges on.",
                                               rich_help_panel=METHOD),
     gptq_damp: float = typer.Option(0.01, "--gptq-damp", help="GPTQ dampening.", rich_help_panel=METHOD),
@@ -178,7 +181,7 @@ def run(
 
         qcfg, ccfg = settings(w_bit, group_size, method, mode, symmetric, clip, gptq_damp, gptq_act_order,
                               next_input, recipe, duo_scaling, alpha_one, identity, bos, clip_tokens,
-                              min_expert_tokens, calib, n_samples, seqlen)
+                              min_expert_tokens, calib, n_samples, seqlen, gram_loss)
         with progress() as on_block:
             summary = engine.quantize(model, output, qcfg, ccfg, device=device,
                                       max_gpu_mem=parse_size(max_gpu_mem) if max_gpu_mem else None,

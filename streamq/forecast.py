@@ -39,7 +39,7 @@ def block_plan(hf_config: Any, family: Family, qcfg: QuantConfig, calib: CalibCo
     block = meta_block(hf_config)
     check_shapes(block, family.block_prefix(0), qcfg.group_size)
     shape = BlockShape.of(block, captured_inputs(block, family, hf_config), family.scale_groups(hf_config),
-                          qcfg.group_size, qcfg.clip_tokens)
+                          qcfg.group_size, qcfg.clip_tokens, qcfg.gram_loss and qcfg.mode == "awq")
     plan = plan_block(shape, calib.n_samples, calib.seqlen, torch.finfo(dtype).bits // 8, budget,
                       micro=forward_samples(dev), gptq=qcfg.gptq, twin=qcfg.next_input == "quantized")
     return shape, plan

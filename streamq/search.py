@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .gram import gram, gram_sse
 from .placement import Assembler, compute_device, upload
 from .quant import dequantize, pseudo_quantize, quant_params, quantize
 
@@ -238,12 +239,45 @@ def search_scale(
                                 device)
     finally:
         _set_candidate(linears, originals, None, qcfg, scaled_quantize, device)
-    # one copy to the host per candidate (not per micro-batch: each would stall the device)
+    return _best(grid, sse, n_elem)
+
+
+def _best(grid: list[torch.Tensor], sse: list[torch.Tensor], n_elem: int) -> tuple[torch.Tensor, list[float]]:
+    """The candidate of least mean squared error, and every candidate's, from each one's parts of
+    the sum of squared errors (one copy to the host per candidate, not per micro-batch: each would
+    stall the device; summed there in float64)."""
     losses = [float(e.cpu().double().sum() / n_elem) for e in sse]
     best = min((i for i in range(len(losses)) if losses[i] == losses[i]), key=losses.__getitem__, default=None)
     if best is None:  # every loss was NaN: the block's activations are broken
         raise FloatingPointError(f"scale search found no finite loss: {losses}")
     return grid[best], losses
+
+
+@torch.no_grad()
+def search_scale_gram(
+    linear: nn.Linear,
+    x_chunks: Chunks,
+    x_mean: torch.Tensor,
+    qcfg: QuantConfig,
+    scaled_quantize: Quantizer = scaled_pseudo_quantize,
+) -> tuple[torch.Tensor, list[float]]:
+    """search_scale for a group judged on its one linear's own output: the same candidates, each
+    judged by ||X Eᵀ||² / (tokens x out) computed from the inputs' Gram matrix (gram.py), which
+    equals the output MSE up to float32 rounding (the forward pass rounds its outputs to the
+    compute dtype; this does not). G lives where the chunks do: on the device, or in host memory
+    streamed block by block for each candidate."""
+    device = compute_device(linear)
+    w = linear.weight.data.to(device)  # a parked expert's weight is on the device while searched
+    w_mean = weight_scale([w], qcfg.group_size, device) if qcfg.duo_scaling else None
+    grid = scale_candidates(x_mean, w_mean, qcfg.n_grid, qcfg.alpha_one, qcfg.identity)
+    on_host = any(x.device != device for x in x_chunks)
+    blocks = gram(x_chunks, device, torch.device("cpu") if on_host else device)
+    sse = []
+    for s in grid:
+        error = scaled_quantize(w, s.to(device=device, dtype=w.dtype), qcfg).float().sub_(w)
+        sse.append(gram_sse(error, blocks))
+        del error
+    return _best(grid, sse, token_count(x_chunks) * w.shape[0])
 
 
 def salient_channels(x_mean: torch.Tensor, frac: float) -> torch.Tensor:

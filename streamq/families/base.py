@@ -35,6 +35,11 @@ class ScaleGroup:
     # along their inputs, so they compute what they computed before the fold
     absorbers: tuple[str, ...] = ()
 
+    @property
+    def own_output(self) -> bool:
+        """Judged on its one linear's own output (v -> o, up -> down): the Gram-matrix loss applies."""
+        return self.linears == (self.inspect,) and not self.inspect_takes_block_kwargs and self.input_of is None
+
 
 @dataclass(frozen=True)
 class Family:
