@@ -276,7 +276,7 @@ def quantize_block(
     if qcfg.next_input == "quantized":
         del x_next
     records = search_block(block, family, config, feats, kwargs, qcfg, ops, micro, phases)
-    hessians = hessian_source(block, family, config, feats, records) if qcfg.gptq else None
+    hessians = HessianSource(block, family, config, feats, records) if qcfg.gptq else None
     del feats  # GPTQ keeps the captured inputs through `hessians` until the last linear is done
     with phases("gptq and pack" if qcfg.gptq else "quantize and pack"):
         tensors = output_tensors(block, records, qcfg, fmt, hessians, where)
@@ -296,56 +296,110 @@ def quantized_copy(block: nn.Module, tensors: dict[str, torch.Tensor], qcfg: Qua
     return twin
 
 
-def hessian_source(block: nn.Module, family: Family, config: Any, feats: dict[str, list[torch.Tensor]],
-                   records: BlockRecords) -> Callable[[str], torch.Tensor]:
+class HessianSource:
     """For GPTQ: each linear's input Hessian, computed from the captured inputs when asked for
     and kept while the next linear shares it (q/k/v, gate/up: same inputs, same scales)."""
-    source = input_source(block, family, config)
-    scale_of = records.scales_by_linear()
-    device = compute_device(block)
-    cache: dict[str, torch.Tensor] = {}
 
-    def get(name: str) -> torch.Tensor:
-        key = source[name]
-        if key not in cache:
-            cache.clear()  # one Hessian at a time: linears sharing it come one after another
-            cache[key] = scaled_hessian(hessian(feats[key], device), scale_of.get(name))
-        return cache[key]
-    return get
+    def __init__(self, block: nn.Module, family: Family, config: Any, feats: dict[str, list[torch.Tensor]],
+                 records: BlockRecords):
+        self.source, self.scale_of = input_source(block, family, config), records.scales_by_linear()
+        self.feats, self.device = feats, compute_device(block)
+        self.cache: dict[tuple, torch.Tensor] = {}
+
+    def key(self, name: str) -> tuple:
+        """Linears with the same key have the same Hessian: the same captured input, scaled alike."""
+        scales = self.scale_of.get(name)
+        return self.source[name], None if scales is None else id(scales)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        key = self.key(name)
+        if key not in self.cache:
+            self.cache.clear()  # one Hessian at a time: linears sharing it come one after another
+            self.cache[key] = scaled_hessian(hessian(self.feats[self.source[name]], self.device),
+                                             self.scale_of.get(name))
+        return self.cache[key]
 
 
-@torch.no_grad()
-def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig, fmt: Format = AWQ,
-                   hessians: Callable[[str], torch.Tensor] | None = None, where: str = "") -> dict[str, torch.Tensor]:
-    """The block's tensors as written to the checkpoint (names relative to the block, on the
-    host), from the unmodified block and its records: per linear the folded float32 weight,
-    clamped to its clips, quantized and packed by the output format, or fake-quantized weights
-    for keep1; every other tensor (norms, biases, scales folded in) in the storage dtype (fp16,
-    or bf16 for compressed-tensors of a bf16 model). One linear's float32 weight exists at a time."""
+def gptq_sets(names: list[str], shared: Callable[[str], object]) -> list[list[str]]:
+    """Consecutive linears whose GPTQ shares one Hessian (`shared` gives the same key: q/k/v,
+    gate/up), rounded together."""
+    sets: list[list[str]] = []
+    for name in names:
+        if sets and shared(sets[-1][-1]) == shared(name):
+            sets[-1].append(name)
+        else:
+            sets.append([name])
+    return sets
+
+
+def rounded(block: nn.Module, names: list[str], records: BlockRecords, qcfg: QuantConfig,
+            hessians: HessianSource | None, where: str):
+    """(name, codes, scales, zeros) of each linear, from its folded float32 weight clamped to its
+    clips: round to nearest, or with GPTQ the linears of one Hessian stacked through one column
+    loop (gptq_quantize's parts: the same codes as one at a time). One set's float32 weights
+    exist at a time."""
     storage = qcfg.storage_torch_dtype
-    out: dict[str, torch.Tensor] = {}
     clip_of = {r.linear: r.max_val for r in records.clips}
-    for name in linear_names(block):
-        if qcfg.mode == "keep1":
-            w = block.get_submodule(name).weight.data.to(compute_device(block))
-            out[f"{name}.weight"] = keep_salient_quantize(w, records.salient[name], qcfg).to(storage).cpu()
-            continue
+
+    def folded_clipped(name: str) -> torch.Tensor:
         w = folded_weight(block, name, records)
         if name in clip_of:
             max_val = clip_of[name].to(device=w.device, dtype=w.dtype)[..., None]
             w.view(w.shape[0], max_val.shape[1], -1).clamp_(-max_val, max_val)  # as apply_clip, in place
-        if qcfg.gptq and name not in records.fallback:
-            try:
-                codes, scales, zeros = gptq_quantize(w, hessians(name), qcfg.w_bit, qcfg.group_size, qcfg.zero_point,
-                                                     storage, qcfg.gptq_damp, act_order=qcfg.gptq_act_order)
-            except NotPositiveDefinite as exc:
-                raise NumericError(f"GPTQ cannot quantize {where}{name}: the Hessian of its inputs is {exc}; calibrate "
-                                   "with more samples (--n-samples) or raise --gptq-damp") from None
-        else:
+        return w
+
+    by_gptq = [n for n in names if qcfg.gptq and n not in records.fallback]
+    by_rtn = set(names) - set(by_gptq)
+    for group in gptq_sets(names, lambda n: n if n in by_rtn else hessians.key(n)):
+        if group[0] in by_rtn:
+            w = folded_clipped(group[0])
             scales, zeros = quant_params(w, qcfg.w_bit, qcfg.group_size, qcfg.zero_point, storage)
-            codes = quantize(w, scales, zeros, qcfg.w_bit, inplace=True)
+            yield group[0], quantize(w, scales, zeros, qcfg.w_bit, inplace=True), scales, zeros
+            del w
+            continue
+        heights = [block.get_submodule(n).out_features for n in group]
+        if len(group) == 1:
+            w = folded_clipped(group[0])
+        else:  # each folded weight written into its rows: no second copy of the set
+            w = torch.empty(sum(heights), block.get_submodule(group[0]).in_features, dtype=torch.float32,
+                            device=compute_device(block))
+            start = 0
+            for name, height in zip(group, heights):
+                w[start:start + height] = folded_clipped(name)
+                start += height
+        try:
+            codes, scales, zeros = gptq_quantize(w, hessians(group[0]), qcfg.w_bit, qcfg.group_size, qcfg.zero_point,
+                                                 storage, qcfg.gptq_damp, act_order=qcfg.gptq_act_order,
+                                                 parts=heights)
+        except NotPositiveDefinite as exc:
+            raise NumericError(f"GPTQ cannot quantize {', '.join(where + n for n in group)}: the Hessian of "
+                               f"{'its' if len(group) == 1 else 'their'} inputs is {exc}; calibrate with more samples "
+                               "(--n-samples) or raise --gptq-damp") from None
         del w
-        for key, t in fmt.pack(codes, scales.to(storage), zeros.to(torch.uint8), qcfg).items():
+        start = 0
+        for name, height in zip(group, heights):
+            yield name, codes[start:start + height], scales[start:start + height], zeros[start:start + height]
+            start += height
+
+
+@torch.no_grad()
+def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig, fmt: Format = AWQ,
+                   hessians: HessianSource | None = None, where: str = "") -> dict[str, torch.Tensor]:
+    """The block's tensors as written to the checkpoint (names relative to the block, on the
+    host), from the unmodified block and its records: per linear the folded float32 weight,
+    clamped to its clips, quantized and packed by the output format, or fake-quantized weights
+    for keep1; every other tensor (norms, biases, scales folded in) in the storage dtype (fp16,
+    or bf16 for compressed-tensors of a bf16 model)."""
+    storage = qcfg.storage_torch_dtype
+    out: dict[str, torch.Tensor] = {}
+    names = linear_names(block)
+    if qcfg.mode == "keep1":
+        for name in names:
+            w = block.get_submodule(name).weight.data.to(compute_device(block))
+            out[f"{name}.weight"] = keep_salient_quantize(w, records.salient[name], qcfg).to(storage).cpu()
+        names = []
+    for name, codes, scales, zeros in rounded(block, names, records, qcfg, hessians, where):
+        for key, t in fmt.pack(codes.contiguous(), scales.to(storage), zeros.to(torch.uint8), qcfg).items():
             out[f"{name}.{key}"] = t.cpu()
         del codes
     for key, t in folded_tensors(block, records).items():

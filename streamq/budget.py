@@ -60,7 +60,8 @@ class BlockShape:
     captured_width: int  # sum of the widths of the captured linear inputs
     ref_width: int  # the widest search reference: the output of a group's inspected module
     clip_bytes: int  # the clip search's working set for its largest linear (4-byte compute: a bound)
-    gptq_bytes: int = 0  # GPTQ of the largest linear: its Hessian in four forms, its float32 weight, codes
+    # GPTQ of the largest set of linears sharing a Hessian: it in four forms, their float32 weights, codes
+    gptq_bytes: int = 0
     parkable_elems: int = 0  # parameters of the modules that may wait in host memory (routed experts)
     largest_parkable: int = 0  # parameters of the largest such module (one expert)
     resident_group: int = 0  # elements of the largest group's weights cloned on the device when parked
@@ -110,6 +111,14 @@ class BlockShape:
             return 2 * m.weight.numel() * FLOAT32 + m.out_features * min(m.in_features, gram.GRAM_BLOCK) * FLOAT32 + g
 
         own = [linears[g.inspect] for g in groups if gram_loss and g.own_output]
+        # GPTQ rounds the linears of one Hessian together (q/k/v; gate/up; one expert's): a
+        # group's linears under one parent, their weights stacked beside the one being folded
+        gptq_sets = [[m] for m in linears.values()]
+        for g in groups:
+            parents: dict[str, list[nn.Linear]] = {}
+            for n in g.linears:
+                parents.setdefault(n.rpartition(".")[0], []).append(linears[n])
+            gptq_sets += list(parents.values())
         return cls(
             gram_device_bytes=max([gram_work(m, True) for m in own] or [0]),
             gram_streamed_bytes=max([gram_work(m, False) for m in own] or [0]),
@@ -122,8 +131,9 @@ class BlockShape:
             captured_width=sum(captured_width(n) for n in captured),
             ref_width=max([out_width(g.inspect) for g in groups] or [hidden]),
             clip_bytes=max(clip_bytes(m) for m in linears.values()),
-            gptq_bytes=max(4 * m.in_features ** 2 * FLOAT32 + m.weight.numel() * (FLOAT32 + 1)
-                           for m in linears.values()),
+            gptq_bytes=max(4 * ms[0].in_features ** 2 * FLOAT32 + sum(m.weight.numel() for m in ms) * (FLOAT32 + 1)
+                           + (max(m.weight.numel() for m in ms) * FLOAT32 if len(ms) > 1 else 0)
+                           for ms in gptq_sets),
             parkable_elems=sum(n for _, n in parkable),
             largest_parkable=max([n for _, n in parkable] or [0]),
             resident_group=max([sum(linears[n].weight.numel() for n in g.linears if not parked(n)) for g in groups]

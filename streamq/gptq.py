@@ -14,6 +14,8 @@ dtype like every other scale streamq writes. Everything is float32."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .quant import quant_params
@@ -74,10 +76,17 @@ def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_int: in
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int, zero_point: bool = True,
                   scale_dtype: torch.dtype = torch.float16, damp: float = DAMP, block: int = BLOCK,
-                  act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  act_order: bool = False, parts: Sequence[int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of w [out, in] (float32, consumed) for inputs whose Hessian is h [in, in]:
     (codes uint8 [out, in], scales [out, in/g] and zeros [out, in/g], float32), in the
-    checkpoint's column order whatever the processing order."""
+    checkpoint's column order whatever the processing order.
+
+    `parts`: w is several linears' weights stacked by rows (q/k/v, gate/up: the same inputs, so
+    one Hessian), this many rows each, rounded in one column loop. Every step of the loop is
+    row by row (elementwise, or a max/min over a row's group), so stacking changes no bit; the
+    lazy batch update, a matrix product whose kernel may depend on its shape, runs per part,
+    so each linear's codes equal those of its own run (tested)."""
     out_features, in_features = w.shape
     if block % group_size and group_size % block:
         raise ValueError(f"block {block} and group size {group_size} must divide one another")
@@ -95,6 +104,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int,
         zeros = torch.empty(out_features, n_group, dtype=torch.float32, device=w.device)
         order = range(in_features)
     hinv = inverse_factor(h, damp)
+    bounds = torch.tensor([0, *(parts or [out_features])]).cumsum(0).tolist()
+    rows = list(zip(bounds[:-1], bounds[1:]))
     scale = zero = None
     for i1 in range(0, in_features, block):
         i2 = min(i1 + block, in_features)
@@ -114,5 +125,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int,
             err = (w1[:, i] - (q - zero[:, 0]) * scale[:, 0]) / h1[i, i]
             w1[:, i:].sub_(err[:, None] * h1[i, i:][None, :])
             err1[:, i] = err
-        w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
+        for a, b in rows:
+            w[a:b, i2:].sub_(err1[a:b] @ hinv[i1:i2, i2:])
     return codes, scales, zeros

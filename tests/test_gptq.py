@@ -80,6 +80,41 @@ def test_gptq_is_the_papers_algorithm(w_bit, group_size):
     assert torch.allclose(deq, dequantize(*paper, torch.float32), atol=0.05 * float(deq.abs().max()))
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_linears_of_one_hessian_stacked_round_as_each_alone(act_order):
+    """q/k/v (gate/up) share their inputs: stacked by rows through one column loop (parts), each
+    gets the very codes, scales and zeros of its own run."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(512, 256, generator=g)
+    x[:, :6] *= 30
+    h = x.t() @ x
+    weights = [torch.randn(rows, 256, generator=g) * 0.05 for rows in (64, 16, 48)]
+    alone = [gptq_quantize(w.clone(), h, 4, 64, act_order=act_order) for w in weights]
+    stacked = gptq_quantize(torch.cat(weights), h, 4, 64, act_order=act_order, parts=[64, 16, 48])
+    for i, (a, b) in enumerate([(0, 64), (64, 80), (80, 128)]):
+        for ours, theirs in zip(stacked, alone[i]):
+            assert torch.equal(ours[a:b], theirs)
+
+
+def test_a_block_rounds_sets_of_one_hessian_as_linear_by_linear(tiny_models, tmp_path, monkeypatch):
+    """The engine stacks q/k/v and gate/up: the same bytes as rounding every linear alone."""
+    import streamq.block as block_mod
+
+    qcfg = QuantConfig(gptq=True, gptq_act_order=True)
+    calib = CalibConfig(n_samples=4, seqlen=64)
+    engine.quantize(tiny_models["llama"], tmp_path / "sets", qcfg, calib, device="cpu")
+    sets, split = [], block_mod.gptq_sets
+
+    def one_by_one(names, key):
+        sets.append(split(names, key))  # what the engine would have stacked
+        return [[n] for n in names]
+    monkeypatch.setattr(block_mod, "gptq_sets", one_by_one)
+    engine.quantize(tiny_models["llama"], tmp_path / "alone", qcfg, calib, device="cpu")
+    assert ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] in sets[0]
+    assert ["mlp.gate_proj", "mlp.up_proj"] in sets[0] and ["mlp.down_proj"] in sets[0]
+    assert checkpoint_bytes(tmp_path / "sets") == checkpoint_bytes(tmp_path / "alone")
+
+
 @needs_gpu
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_on_cuda_is_the_cpu_algorithm(act_order):
@@ -164,8 +199,9 @@ def test_gptq_errors_are_one_line(tiny_models, tmp_path, monkeypatch):
         raise NotPositiveDefinite("not positive definite after dampening 0.01 (Cholesky failed at column 3)")
 
     monkeypatch.setattr(block_mod, "gptq_quantize", failing)
-    with pytest.raises(NumericError, match=r"GPTQ cannot quantize model\.decoder\.layers\.0\.self_attn\.k_proj: the "
-                                           r"Hessian of its inputs is not positive definite.*--n-samples"):
+    at = r"model\.decoder\.layers\.0\.self_attn\."  # k, v and q share their Hessian: rounded together
+    with pytest.raises(NumericError, match=rf"GPTQ cannot quantize {at}k_proj, {at}v_proj, {at}q_proj: the "
+                                           r"Hessian of their inputs is not positive definite.*--n-samples"):
         engine.quantize(tiny_models["opt"], tmp_path / "p", QuantConfig(mode="rtn", gptq=True), CALIB, device="cpu")
 
 
