@@ -104,12 +104,6 @@ class BlockShape:
             return (clip_tokens * m.in_features * 12 + batch * m.in_features * 24
                     + n_group * clip_tokens * batch * FLOAT32)
 
-        def gram_work(m: nn.Linear, whole: bool) -> int:
-            # the candidate's error and the float32 copy it is made from, one block's product
-            # [out, block], and G whole or two of its blocks (one in use, one arriving)
-            g = gram.gram_bytes(m.in_features) if whole else 2 * gram.block_bytes(m.in_features)
-            return 2 * m.weight.numel() * FLOAT32 + m.out_features * min(m.in_features, gram.GRAM_BLOCK) * FLOAT32 + g
-
         own = [linears[g.inspect] for g in groups if gram_loss and g.own_output]
         # GPTQ rounds the linears of one Hessian together (q/k/v; gate/up; one expert's): a
         # group's linears under one parent, their weights stacked beside the one being folded
@@ -120,8 +114,8 @@ class BlockShape:
                 parents.setdefault(n.rpartition(".")[0], []).append(linears[n])
             gptq_sets += list(parents.values())
         return cls(
-            gram_device_bytes=max([gram_work(m, True) for m in own] or [0]),
-            gram_streamed_bytes=max([gram_work(m, False) for m in own] or [0]),
+            gram_device_bytes=max([gram.work_bytes(*m.weight.shape, FLOAT32, True) for m in own] or [0]),
+            gram_streamed_bytes=max([gram.work_bytes(*m.weight.shape, FLOAT32, False) for m in own] or [0]),
             gram_bytes=max([gram.gram_bytes(m.in_features) for m in own] or [0]),
             weight_elems=sum(p.numel() for p in block.parameters()),
             largest_linear=max(m.weight.numel() for m in linears.values()),

@@ -18,6 +18,7 @@ import torch
 from .placement import to_store, upload
 
 GRAM_BLOCK = 4096  # columns per block of G: large enough for a GPU's products, small enough to stream
+ROW_ELEMS = 2**24  # weight elements per step of making the error and of its products: bounds their transients
 FLOAT32 = 4
 
 
@@ -30,6 +31,23 @@ def pairs(width: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """The blocks of G kept: (rows, columns) on and above the diagonal (G is symmetric)."""
     s = spans(width)
     return [(s[i], s[j]) for i in range(len(s)) for j in range(i, len(s))]
+
+
+def row_spans(rows: int, width: int) -> list[tuple[int, int]]:
+    """The output rows a weight of `width` inputs is taken in, a fixed number at a time (by its
+    shape alone, so the products have the same shapes whatever the budget)."""
+    step = max(1, ROW_ELEMS // width)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def work_bytes(rows: int, width: int, elem_bytes: int, g_whole: bool) -> int:
+    """The device memory one candidate's loss takes beside the weight: its float32 error, one
+    row span's quantization (w * s, the quantizer's float32 codes, the result), one product
+    [span, block], and G whole or two of its blocks (one in use, one arriving from the host)."""
+    span = row_spans(rows, width)[0][1]
+    g = gram_bytes(width) if g_whole else 2 * block_bytes(width)
+    return (rows * width * FLOAT32 + span * width * (2 * elem_bytes + FLOAT32)
+            + span * min(width, GRAM_BLOCK) * FLOAT32 + g)
 
 
 def gram_bytes(width: int) -> int:
@@ -66,8 +84,10 @@ def gram_sse(error: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
     (an off-diagonal block counts twice), on the error's device; the caller sums the parts in
     float64 on the host, one copy per candidate."""
     parts = []
+    spans_of_rows = row_spans(*error.shape)
     for g, (r, c) in zip(blocks, pairs(error.shape[1])):
         g = upload(g, error.device)
-        part = (error[:, r[0]:r[1]] @ g).mul_(error[:, c[0]:c[1]]).sum()
-        parts.append(part if r == c else 2 * part)
+        for a, b in spans_of_rows:
+            part = (error[a:b, r[0]:r[1]] @ g).mul_(error[a:b, c[0]:c[1]]).sum()
+            parts.append(part if r == c else 2 * part)
     return torch.stack(parts)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .gram import gram, gram_sse
+from .gram import gram, gram_sse, row_spans
 from .placement import Assembler, compute_device, upload
 from .quant import dequantize, pseudo_quantize, quant_params, quantize
 
@@ -272,11 +272,15 @@ def search_scale_gram(
     grid = scale_candidates(x_mean, w_mean, qcfg.n_grid, qcfg.alpha_one, qcfg.identity)
     on_host = any(x.device != device for x in x_chunks)
     blocks = gram(x_chunks, device, torch.device("cpu") if on_host else device)
+    error = torch.empty(w.shape, dtype=torch.float32, device=device)
     sse = []
     for s in grid:
-        error = scaled_quantize(w, s.to(device=device, dtype=w.dtype), qcfg).float().sub_(w)
+        s = s.to(device=device, dtype=w.dtype)
+        for a, b in row_spans(*w.shape):  # the quantizer works row by row: spans change no bit
+            error[a:b] = scaled_quantize(w[a:b], s, qcfg)
+            error[a:b].sub_(w[a:b])
         sse.append(gram_sse(error, blocks))
-        del error
+    del error
     return _best(grid, sse, token_count(x_chunks) * w.shape[0])
 
 
