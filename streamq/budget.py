@@ -39,13 +39,44 @@ class Plan:
         return asdict(self)
 
 
-def forward_samples(device: torch.device) -> int | None:
-    """Samples per forward pass. On a GPU one sample, whatever the chunk: cuBLAS chooses its
-    kernels (split-K among them) by the product's shape, so a batch size that followed the
-    budget would let the budget change the output's last bits. On a CPU the whole chunk: its
-    products give bit-identical rows for any whole number of samples (tested), and larger
-    products run faster there."""
-    return 1 if device.type == "cuda" else None
+PASS_TOKENS = 4096  # a GPU's forward pass: this many tokens make its products large enough to run near peak
+PASS_BYTES = 2**28  # and one pass's intermediates under this: wide models keep a small smallest budget
+
+
+def forward_samples(device: torch.device, shape: "BlockShape", n_samples: int, seqlen: int,
+                    elem_bytes: int) -> int | None:
+    """Samples per forward pass. On a GPU a fixed number decided by the model and its calibration
+    shape, never by the budget: cuBLAS chooses its kernels (split-K among them) by the product's
+    shape, so a batch size that followed the budget would let the budget change the output's last
+    bits. The largest power of two (so it divides the reference's chunks of 16) with at most
+    PASS_TOKENS tokens, intermediates under PASS_BYTES, and no more than the samples there are;
+    the plan then cuts chunks in multiples of it, so every pass but the last of all has this
+    shape whatever the budget. On a CPU the whole chunk: its products give bit-identical rows for
+    any whole number of samples (tested), and larger products run faster there; but not in a
+    block with routed experts, where an expert's product has as many rows as tokens were routed
+    to it in the pass, and a CPU's GEMM does not give every row count the same bits (a Mixtral
+    block chunked by 4 and by 1 differed in the last bit of one scale): there too the passes
+    have the fixed size."""
+    if device.type != "cuda" and not shape.parkable_elems:
+        return None
+    per = forward_bytes(shape, seqlen, elem_bytes)
+    f = 1
+    while 2 * f * seqlen <= PASS_TOKENS and 2 * f * per <= PASS_BYTES and 2 * f <= n_samples:
+        f *= 2
+    return f
+
+
+def forward_bytes(shape: "BlockShape", seqlen: int, elem_bytes: int) -> int:
+    """One sample's intermediates in a forward pass of the block."""
+    return seqlen * elem_bytes * (4 * shape.widest + 6 * shape.hidden)
+
+
+def chunk_sizes(n_samples: int, cap: int, micro: int | None) -> list[int]:
+    """The chunk sizes a plan may choose, smallest first: with forward passes of `micro` samples,
+    multiples of it (or every sample at once), so the passes fall on the same samples whatever
+    the chunk."""
+    sizes = range(1, min(n_samples, cap) + 1)
+    return [c for c in sizes if micro is None or c % micro == 0 or c == n_samples]
 
 
 @dataclass(frozen=True)
@@ -191,7 +222,7 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
     parked = kept * e + shape.resident_group * e + 2 * shape.largest_parkable * e + SLACK_BYTES
     resident = resident_bytes(shape, seqlen, e)
     # per sample in one forward pass: the block's intermediates; and one sample's error in float32
-    per_forward = seqlen * e * (4 * shape.widest + 6 * shape.hidden)
+    per_forward = forward_bytes(shape, seqlen, e)
     loss = 3 * seqlen * shape.ref_width * FLOAT32
     # parked experts come to the device once for all the forward passes of a chunk: the sparse
     # MLP's inputs and outputs of the whole chunk are then held together, and while the block's
@@ -213,18 +244,20 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
         options.append((False, *peaks(whole, shape.weight_elems, 0)))
     if park is not False and shape.parkable_elems:
         options.append((True, *peaks(parked, kept, batch_out)))
-    minimum = min(streamed(1) for _, _, streamed in options)
+    sizes = chunk_sizes(n_samples, MAX_CHUNK_SAMPLES, micro)
+    # the smallest chunk streamed, or kept on the device where that costs less (a chunk of fixed
+    # forward passes may hold half the samples or more)
+    minimum = min(min(on_device(sizes[0]), streamed(sizes[0])) for _, on_device, streamed in options)
     if budget is None:
-        c = min(n_samples, default_chunk)
+        c = max(k for k in chunk_sizes(n_samples, default_chunk, micro) + sizes[:1])
         parks, _, streamed = options[0]
         return Plan(c, False, streamed(c), minimum, micro, parks)
-    cap = min(n_samples, MAX_CHUNK_SAMPLES)
     for parks, on_device, streamed in options:  # the whole block first: parking costs transfers
-        if on_device(1) <= budget:
-            c = max(k for k in range(1, cap + 1) if on_device(k) <= budget)
+        if on_device(sizes[0]) <= budget:
+            c = max(k for k in sizes if on_device(k) <= budget)
             return Plan(c, True, on_device(c), minimum, micro, parks)
-        if streamed(1) <= budget:
-            c = max(k for k in range(1, cap + 1) if streamed(k) <= budget)
+        if streamed(sizes[0]) <= budget:
+            c = max(k for k in sizes if streamed(k) <= budget)
             return Plan(c, False, streamed(c), minimum, micro, parks)
     weights = f"its weights of {format_bytes(shape.weight_elems * e)}"
     if shape.parkable_elems:
@@ -232,8 +265,8 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
                    f"{format_bytes(shape.largest_parkable * e)} at a time")
     raise SettingsError(
         f"--max-gpu-mem {format_bytes(budget)} is too small: one block needs at least "
-        f"{format_bytes(minimum, up=True)} ({weights}, the search's copies of its largest linears, and one calibration "
-        f"sample of {seqlen} tokens in flight)"
+        f"{format_bytes(minimum, up=True)} ({weights}, the search's copies of its largest linears, and "
+        f"{'one calibration sample' if sizes[0] == 1 else f'{sizes[0]} calibration samples'} of {seqlen} tokens in flight)"
     )
 
 

@@ -40,8 +40,10 @@ def block_plan(hf_config: Any, family: Family, qcfg: QuantConfig, calib: CalibCo
     check_shapes(block, family.block_prefix(0), qcfg.group_size)
     shape = BlockShape.of(block, captured_inputs(block, family, hf_config), family.scale_groups(hf_config),
                           qcfg.group_size, qcfg.clip_tokens, qcfg.gram_loss and qcfg.mode == "awq")
-    plan = plan_block(shape, calib.n_samples, calib.seqlen, torch.finfo(dtype).bits // 8, budget,
-                      micro=forward_samples(dev), gptq=qcfg.gptq, twin=qcfg.next_input == "quantized")
+    elem = torch.finfo(dtype).bits // 8
+    plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, budget,
+                      micro=forward_samples(dev, shape, calib.n_samples, calib.seqlen, elem), gptq=qcfg.gptq,
+                      twin=qcfg.next_input == "quantized")
     return shape, plan
 
 
@@ -160,7 +162,8 @@ def forecast(model: str | Path, qcfg: QuantConfig = QuantConfig(), calib: CalibC
         if "is too small" not in str(exc):
             raise
         shape, plan = block_plan(hf_config, family, qcfg, calib, dev, dtype, None)
-        plan = Plan(1, False, plan.minimum_bytes, plan.minimum_bytes, plan.forward_samples, plan.experts_parked)
+        plan = Plan(plan.forward_samples or 1, False, plan.minimum_bytes, plan.minimum_bytes, plan.forward_samples,
+                    plan.experts_parked)
         fits = False
     elem = torch.finfo(dtype).bits // 8
     source_elem = torch.finfo(stored).bits // 8 if stored is not None else 2

@@ -13,11 +13,11 @@ from transformers.utils import logging as hf_logging
 
 from .families.base import LAYER_ADAPTERS
 from .block import BlockRecords, check_shapes, check_storable, quantize_block
-from .budget import forward_samples
 from .calib import calibration_blocks, tokens_digest
 from .checkpoint import write_metadata, write_non_block_tensors
 from .config import CalibConfig, QuantConfig
 from .families.base import eager_only
+from .forecast import block_plan
 from .formats import by_name, settle
 from .kernels import select as select_kernels
 from .models import check_output_dir, claim_output_dir, compute_dtype, load_tokenizer, open_checkpoint, resolve_device
@@ -81,7 +81,9 @@ def quantize(
     fmt = by_name(format)
     qcfg = settle(fmt, qcfg, reader.float_dtype())
     ops = select_kernels(kernels, dev, dtype)[0]
-    micro = forward_samples(dev)
+    micro = block_plan(hf_config, family, qcfg, calib, dev, dtype, None)[1].forward_samples  # the engine's passes
+    if micro:  # chunks in multiples of the passes, as the engine cuts them
+        chunk_samples = -(-chunk_samples // micro) * micro
     ids = calibration_blocks(calib, load_tokenizer(model_dir), hf_config.vocab_size)
 
     hf_logging.disable_progress_bar()

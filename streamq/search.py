@@ -74,8 +74,7 @@ def micro_batches(x: torch.Tensor, micro: int | None) -> list[torch.Tensor]:
     """x split into forward passes of `micro` samples (the last may be smaller); None: whole.
     On a GPU, cuBLAS may pick another kernel (split-K) for another batch size, so the bytes
     of a result depend on the batch: a fixed micro-batch keeps them independent of the chunk
-    (the engine uses one sample, budget.forward_samples; a larger micro would have to divide
-    every chunk)."""
+    (budget.forward_samples decides it on a GPU, and the plan cuts chunks in multiples of it)."""
     return [x] if micro is None or x.shape[0] <= micro else list(x.split(micro))
 
 

@@ -5,6 +5,8 @@ the block's real shapes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoConfig
@@ -125,3 +127,27 @@ def test_one_sample_forward_passes_free_the_chunk_size(one_block_models):
     assert single.chunk_samples == MAX_CHUNK_SAMPLES and single.forward_samples == 1
     assert chunked.chunk_samples < single.chunk_samples and chunked.forward_samples is None
     assert whole.minimum_bytes == single.minimum_bytes  # one sample in flight either way
+
+
+def test_a_gpu_passes_a_fixed_number_of_samples_and_chunks_in_multiples_of_it(one_block_models):
+    """forward_samples: a power of two decided by the model and calibration shape (at most 4096
+    tokens, intermediates under 256 MiB, no more than there are samples), never by the budget; the
+    plan's chunks are multiples of it (or every sample), down to one pass at the smallest budget."""
+    from streamq.budget import chunk_sizes, forward_bytes, forward_samples
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    shape = shape_of(AutoConfig.from_pretrained(one_block_models["opt"]))
+    assert forward_samples(cpu, shape, 128, 512, 2) is None
+    assert forward_samples(cuda, shape, 128, 512, 2) == 8 and forward_samples(cuda, shape, 128, 2048, 2) == 2
+    assert forward_samples(cuda, shape, 5, 512, 2) == 4 and forward_samples(cuda, shape, 1, 512, 2) == 1
+    wide = dataclasses.replace(shape, widest=28672, hidden=7168)  # OPT-30B: 161 MB a sample at 512 tokens
+    assert forward_bytes(wide, 512, 2) == 512 * 2 * (4 * 28672 + 6 * 7168)
+    assert forward_samples(cuda, wide, 128, 512, 2) == 1
+    assert forward_samples(cuda, dataclasses.replace(shape, widest=11008, hidden=4096), 128, 512, 2) == 2  # LLaMA-2-7B
+    assert chunk_sizes(10, 64, 4) == [4, 8, 10] and chunk_sizes(10, 64, None) == list(range(1, 11))
+    plans = [plan_block(shape, 20, 512, 2, budget=b, micro=4) for b in (None, 10**12)]
+    smallest = plan_block(shape, 20, 512, 2, budget=plans[1].minimum_bytes, micro=4)
+    assert [p.chunk_samples for p in plans + [smallest]] == [16, 20, 4]
+    assert smallest.minimum_bytes > plan_block(shape, 20, 512, 2, budget=None, micro=1).minimum_bytes
+    with pytest.raises(SettingsError, match="4 calibration samples of 512 tokens in flight"):
+        plan_block(shape, 20, 512, 2, budget=smallest.minimum_bytes - 1, micro=4)

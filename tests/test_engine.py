@@ -43,7 +43,7 @@ def test_streamed_equals_reference(family_model, tmp_path, mode, device):
         plans.append(summary.plan)
         assert checkpoint_bytes(out) == expected, (budget, summary.plan)
     assert plans[1].activations_on_device and not plans[2].activations_on_device
-    assert plans[2].chunk_samples == 1
+    assert plans[2].chunk_samples == (plans[2].forward_samples or 1)  # a GPU's smallest chunk: one pass
 
 
 @pytest.mark.parametrize("name", ["opt", "llama_gqa"])
@@ -71,16 +71,40 @@ def test_rtn_reads_no_activation_and_writes_the_calibrated_bytes(tiny_models, tm
 
 
 @pytest.mark.parametrize("compute", ["float32", "float16"])
-def test_forward_passes_of_one_sample_change_nothing_on_a_cpu(tiny_models, tmp_path, monkeypatch, compute):
-    """A GPU runs every forward pass on one sample (budget.forward_samples) so that the budget
-    cannot change the bytes; on a CPU whole chunks and single samples give the same bytes,
-    in float32 and in the GPU's float16 arithmetic."""
-    calib = CalibConfig(n_samples=6, seqlen=64)
+def test_forward_passes_of_a_fixed_size_fall_on_the_same_samples_under_every_budget(tiny_models, tmp_path,
+                                                                                    monkeypatch, compute):
+    """A GPU runs forward passes of a fixed number of samples (budget.forward_samples, decided by
+    the model and the calibration shape) and the plan cuts chunks in multiples of it, so every
+    pass has that shape but the last of all, whatever the budget. Checked here by recording every
+    pass's size with 4 samples a pass (10 samples: passes of 4, 4 and 2), and the bytes against
+    the reference and against whole-chunk passes, in float32 and in the GPU's float16."""
+    import streamq.search as search
+
+    calib = CalibConfig(n_samples=10, seqlen=64)
     engine.quantize(tiny_models["llama"], tmp_path / "whole", calib=calib, device="cpu", compute=compute)
-    monkeypatch.setattr(forecast, "forward_samples", lambda device: 1)  # what the engine plans with
-    summary = engine.quantize(tiny_models["llama"], tmp_path / "single", calib=calib, device="cpu", compute=compute)
-    assert summary.plan.forward_samples == 1
-    assert checkpoint_bytes(tmp_path / "single") == checkpoint_bytes(tmp_path / "whole")
+    monkeypatch.setattr(forecast, "forward_samples", lambda *args: 4)  # what the engine and reference plan with
+    reference.quantize(tiny_models["llama"], tmp_path / "ref", calib=calib, device="cpu", compute=compute)
+    split = search.micro_batches
+    passes: list[int] = []
+
+    def recorded(x, micro):
+        parts = split(x, micro)
+        passes.extend(len(p) for p in parts)
+        return parts
+    monkeypatch.setattr(search, "micro_batches", recorded)
+    minimum = engine.plan(tiny_models["llama"], calib=calib, device="cpu", compute=compute).minimum_bytes
+    seen = []
+    for i, budget in enumerate([None, minimum]):
+        passes.clear()
+        summary = engine.quantize(tiny_models["llama"], tmp_path / f"b{i}", calib=calib, device="cpu",
+                                  compute=compute, max_gpu_mem=budget)
+        assert summary.plan.forward_samples == 4
+        assert checkpoint_bytes(tmp_path / f"b{i}") == checkpoint_bytes(tmp_path / "whole")
+        assert checkpoint_bytes(tmp_path / f"b{i}") == checkpoint_bytes(tmp_path / "ref")
+        seen.append((summary.plan.chunk_samples, sorted(passes)))
+    (big, passes_big), (small, passes_small) = seen
+    assert (big, small) == (10, 4)  # one chunk; chunks of 4, 4 and 2
+    assert passes_big == passes_small and set(passes_big) == {4, 2}
 
 
 def test_streamq_json_records_plan_and_measured_peaks(tiny_models, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from dequant import dequantize_checkpoint
@@ -69,8 +70,10 @@ def test_moe_streams_what_transformers_computes(moe_models, eval_text, tmp_path,
 @pytest.mark.parametrize("name,method", [("mixtral", "awq"), ("qwen2_moe", "awq"), ("qwen3_moe", "awq"),
                                          ("qwen2_moe", "awq+gptq")])
 def test_moe_streamed_equals_reference(moe_models, tmp_path, name, method):
-    """Experts' inputs are kept per calibration sample, so chunking (the reference's 4 samples,
-    the engine's whole set or one sample under the smallest budget) never changes a byte; nor
+    """Experts' inputs are kept per calibration sample and forward passes take a fixed number of
+    samples (4 of the 6 here, on a CPU too: an expert's product has as many rows as tokens were
+    routed to it in a pass, and a CPU's GEMM may round another row count otherwise), so chunking
+    (the reference's, the engine's whole set or its smallest chunk) never changes a byte; nor
     does parking the experts in host memory, one at a time on the device (the smallest budget)."""
     path = moe_models[name]
     qcfg = QuantConfig(gptq=method == "awq+gptq", next_input="quantized" if method == "awq+gptq" else "fp16")
@@ -82,6 +85,7 @@ def test_moe_streamed_equals_reference(moe_models, tmp_path, name, method):
         summary = engine.quantize(path, out, qcfg, CALIB, device="cpu", max_gpu_mem=budget)
         assert checkpoint_bytes(out) == expected
         assert summary.plan.experts_parked == (budget is not None)  # the smallest budget parks the experts
+        assert summary.plan.forward_samples == 4
     routed = summary.blocks[0]["experts"]["tokens"]
     assert sum(routed.values()) == 2 * 2 * CALIB.n_samples * CALIB.seqlen  # top-2, gate/up and down inputs
 
@@ -156,3 +160,23 @@ def test_moe_resume_after_sigkill_is_byte_identical(moe_models, tmp_path):
     out = killed_run_resumes_byte_identical(["--model", str(moe_models["qwen2_moe"]), "--n-samples", "6", "--seqlen",
                                              "64", "--device", "cpu", "--shard-size", "100KB"], tmp_path)
     assert "experts: fewest calibration tokens routed to one" in out
+
+
+def test_a_mixture_is_the_same_bytes_chunked_by_one_pass_or_by_all_samples(tmp_path):
+    """Found by gpu_check's Mixtral stage in its CPU mode: with whole-chunk passes on a CPU, a
+    random Mixtral at 256/512 quantized in chunks of 4 and of 1 differed in one scale's last bit
+    (experts' products of other row counts). With passes of a fixed size, 12 samples in chunks of
+    4 (the smallest budget) and in one chunk give the same bytes."""
+    from make_wide_model import write
+
+    model, ids = tmp_path / "mixtral", tmp_path / "ids.npy"
+    write(model, "mixtral", 2, 256, 512, 4, 512, 0, 2, "cpu")
+    np.save(ids, np.random.default_rng(0).integers(2, 512, 12 * 32))
+    calib = CalibConfig(source=str(ids), n_samples=12, seqlen=32)
+    minimum = engine.plan(model, QuantConfig(), calib, device="cpu").minimum_bytes
+    plans = []
+    for budget in (None, minimum):
+        plans.append(engine.quantize(model, tmp_path / f"o{budget}", QuantConfig(), calib, device="cpu",
+                                     max_gpu_mem=budget).plan)
+    assert [(p.forward_samples, p.chunk_samples) for p in plans] == [(8, 12), (8, 8)]
+    assert checkpoint_bytes(tmp_path / "oNone") == checkpoint_bytes(tmp_path / f"o{minimum}")

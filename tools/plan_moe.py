@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from streamq.block import captured_inputs
-from streamq.budget import BlockShape, format_bytes, plan_block
+from streamq.budget import BlockShape, format_bytes, forward_samples, plan_block
 from streamq.cli import parse_size
 from streamq.config import QuantConfig
 from streamq.errors import SettingsError
@@ -52,19 +53,20 @@ def main() -> None:
     args = parser.parse_args()
     qcfg = QuantConfig(gptq=args.gptq)
     budgets = [parse_size(b) for b in args.budgets]
-    print(f"{args.n_samples} x {args.seqlen} tokens, fp16, one sample per forward pass (a GPU), "
+    print(f"{args.n_samples} x {args.seqlen} tokens, fp16, forward passes of the GPU's fixed size, "
           f"{'awq+gptq' if args.gptq else 'awq'}\n")
-    print("| model | block (fp16) | experts | smallest budget, whole block | smallest, experts parked | "
+    print("| model | block (fp16) | experts | samples a pass | smallest budget, whole block | smallest, experts parked | "
           + " | ".join(f"plan at {b}" for b in args.budgets) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(budgets))
+    print("|---|---|---|---|---|---|" + "---|" * len(budgets))
     for name, config in MODELS.items():
         family = detect(config)
         block = meta_block(config)
         shape = BlockShape.of(block, captured_inputs(block, family, config), family.scale_groups(config),
                               qcfg.group_size, qcfg.clip_tokens)
+        micro = forward_samples(torch.device("cuda"), shape, args.n_samples, args.seqlen, 2)
 
         def plan(budget, park=None):
-            return plan_block(shape, args.n_samples, args.seqlen, 2, budget, micro=1, gptq=args.gptq, park=park)
+            return plan_block(shape, args.n_samples, args.seqlen, 2, budget, micro=micro, gptq=args.gptq, park=park)
 
         cells = []
         for budget in budgets:
@@ -74,7 +76,7 @@ def main() -> None:
                              f"{', parked' if p.experts_parked else ''} ({format_bytes(p.estimated_peak_bytes)})")
             except SettingsError:
                 cells.append("too small")
-        print(f"| {name} | {format_bytes(shape.weight_elems * 2)} | {format_bytes(shape.parkable_elems * 2)} | "
+        print(f"| {name} | {format_bytes(shape.weight_elems * 2)} | {format_bytes(shape.parkable_elems * 2)} | {micro} | "
               f"{format_bytes(plan(None, park=False).minimum_bytes)} | {format_bytes(plan(None, park=True).minimum_bytes)}"
               f" | " + " | ".join(cells) + " |")
     print("\ncells: samples per chunk x where activations live, 'parked': experts in host memory, "
