@@ -55,6 +55,7 @@ STAGES = (
     Stage("wide-llama-3-70b", False, 240, 120),
     Stage("wide-llama-2-7b", False, 90, 120),
     Stage("wide-llama-2-7b-gptq", False, 150, 120),  # GPTQ's defaults: Hessians up to 11008^2 floats
+    Stage("wide-mixtral-8x7b", False, 300, 120),  # 38GB: the whole block; the smallest budget: experts parked
     Stage("suite", False, 600, 0),  # the whole test suite (suspect: tests that assume a CPU); --suite only
 )
 
@@ -75,13 +76,15 @@ class Wide:
 # real widths; --small replaces them with tiny ones of the same family and attention layout
 WIDE = {
     "opt-30b": Wide("opt", 7168, 28672, 56, published="facebook/opt-30b"),
-    "llama-2-7b": Wide("llama", 4096, 11008, 32, tight="3GB"),  # at 6GB its activations stay on the device
+    "llama-2-7b": Wide("llama", 4096, 11008, 32, tight="3GB"),  # its activations stream from pinned host memory
     "llama-3-70b": Wide("llama", 8192, 28672, 64, 8),
+    "mixtral-8x7b": Wide("mixtral", 4096, 14336, 32, 8, tight="min"),
 }
 WIDE_SMALL = {
     "opt-30b": Wide("opt", 256, 1024, 4, published="facebook/opt-30b"),
     "llama-2-7b": Wide("llama", 256, 512, 4),
     "llama-3-70b": Wide("llama", 256, 768, 8, 2),
+    "mixtral-8x7b": Wide("mixtral", 256, 512, 4, 2),
 }
 
 
@@ -389,6 +392,7 @@ def stage_wide(name: str, method: str = "awq"):
                 "planned_peak_bytes": info["plan"]["estimated_peak_bytes"], "chunk_samples": info["plan"]["chunk_samples"],
                 "activations_on_device": info["plan"]["activations_on_device"],
                 "forward_samples": info["plan"].get("forward_samples"),
+                "experts_parked": info["plan"].get("experts_parked"),
                 "peak_allocated_bytes": max(alloc) if alloc else None, "block_peak_allocated_bytes": alloc,
                 "peak_reserved_bytes": max(reserved) if reserved else None,
                 "peak_rss_bytes": max(b["peak_rss_bytes"] for b in blocks),
