@@ -3,11 +3,15 @@ trained on the built-in text) for tests and the quick start, from the family's o
 config class. Never fetches anything.
 
     python tools/make_tiny_model.py --family opt --out models/tiny-opt
+    python tools/make_tiny_model.py --family gemma3_text --hidden 640 --ffn 2048 --layers 18 --heads 4 --kv-heads 1 \\
+        --vocab 49152 --set head_dim=256 sliding_window=512 query_pre_attn_scalar=256 layer_types=null \\
+        --tokenizer-from ~/.cache/streamq/smollm2-135m --shard-size 1GB --out models/gemma3-270m-shape
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -99,11 +103,11 @@ def make_tiny(
     elif family in OTHER_FAMILIES:
         extra, norms = OTHER_FAMILIES[family]
         extra = {k: ffn if v is None else v for k, v in extra.items()}  # expert widths: --ffn
-        config = AutoConfig.for_model(
-            family, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=kv_heads or heads, head_dim=hidden // heads, vocab_size=vocab,
-            max_position_embeddings=1024, tie_word_embeddings=family.startswith("gemma"), bos_token_id=0,
-            eos_token_id=1, pad_token_id=1, **extra)
+        settings = dict(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                        num_key_value_heads=kv_heads or heads, head_dim=hidden // heads, vocab_size=vocab,
+                        max_position_embeddings=1024, tie_word_embeddings=family.startswith("gemma"), bos_token_id=0,
+                        eos_token_id=1, pad_token_id=1)
+        config = AutoConfig.for_model(family, **{**settings, **extra, **(config_extra or {})})
         model = AutoModelForCausalLM.from_config(config)
         blocks = model.model.layers
     else:
@@ -133,9 +137,19 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=None)
     parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
+                        help="config settings, e.g. head_dim=256 sliding_window=512 (a published model's shapes)")
+    parser.add_argument("--shard-size", default="1MB")
+    parser.add_argument("--tokenizer-from", type=Path, help="copy this model folder's tokenizer (vocab must fit it)")
     args = parser.parse_args()
+    extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     path = make_tiny(args.out, args.family, args.hidden, args.ffn, args.layers, args.heads,
-                     args.kv_heads, args.vocab, max_shard_size="1MB")
+                     args.kv_heads, args.vocab, max_shard_size=args.shard_size,
+                     tokenizer=args.tokenizer_from is None, config_extra=extra)
+    if args.tokenizer_from:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(args.tokenizer_from).save_pretrained(path)
     print(f"wrote a random {args.family} model to {path}")
 
 
