@@ -39,6 +39,7 @@ def main() -> None:
     x = torch.randn(args.tokens, hidden, generator=g, device=device)
     x[:, :8] *= 20
     h = x.t() @ x
+    gs = 128 if hidden % 128 == 0 else 64  # SmolLM2's 576
     sets = {"q/k/v": [hidden, kv, kv], "gate/up": [ffn, ffn]}
     print("| set | rows | one at a time s | stacked s | speed-up | identical |")
     print("|---|---|---|---|---|---|")
@@ -48,10 +49,10 @@ def main() -> None:
         for _ in range(args.repeats):
             sync(device)
             t0 = time.perf_counter()
-            alone = [gptq_quantize(w.clone(), h, 4, 128, act_order=True) for w in weights]
+            alone = [gptq_quantize(w.clone(), h, 4, gs, act_order=True) for w in weights]
             sync(device)
             t1 = time.perf_counter()
-            stacked = gptq_quantize(torch.cat(weights), h, 4, 128, act_order=True, parts=heights)
+            stacked = gptq_quantize(torch.cat(weights), h, 4, gs, act_order=True, parts=heights)
             sync(device)
             times["alone"].append(t1 - t0)
             times["stacked"].append(time.perf_counter() - t1)
@@ -59,7 +60,7 @@ def main() -> None:
         a, s = min(times["alone"]), min(times["stacked"])
         print(f"| {label} | {' + '.join(map(str, heights))} x {hidden} | {a:.2f} | {s:.2f} | {a / s:.2f}x | {same} |")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
-    print(f"\n{args.shape} widths, INT4 g128 act-order, best of {args.repeats}; {name}, "
+    print(f"\n{args.shape} widths, INT4 g{gs} act-order, best of {args.repeats}; {name}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
