@@ -13,6 +13,7 @@ from .errors import InputError, OutputError, SettingsError
 from .checkpoint import TOKENIZER_FILES
 from .families import Family, detect
 from .shards import ShardReader
+from .sources.fp8 import block_scaled
 from .journal import journal_dir, resume_command, writer_of
 from .journal import lock as journal_lock
 from .journal import status as journal_status
@@ -81,7 +82,7 @@ def open_checkpoint(model_dir: Path, headers_only: bool = False) -> tuple[ShardR
     hf_config = load_config(model_dir)
     family = detect(hf_config)
     tied = {} if headers_only else family.tied_names(hf_config)
-    return ShardReader(model_dir, family.checkpoint_prefixes, tied), hf_config, family
+    return ShardReader(model_dir, family.checkpoint_prefixes, tied, block_scaled(hf_config)), hf_config, family
 
 
 def load_tokenizer(model_dir: Path) -> Any | None:

@@ -12,6 +12,7 @@ import torch
 
 from .errors import InputError
 from .sources.base import FLOAT_DTYPES, TensorInfo
+from .sources.fp8 import BlockScaled
 from .sources.files import find, no_weights_message, read_index
 
 EQUAL_ROWS_BYTES = 64 << 20  # rows compared at a time when checking that a tied copy repeats its tensor
@@ -28,7 +29,7 @@ class ShardReader:
     output see the names save_pretrained writes."""
 
     def __init__(self, model_dir: str | Path, renames: Iterable[tuple[str, str]] = (),
-                 tied: Mapping[str, str] | None = None):
+                 tied: Mapping[str, str] | None = None, encoding: BlockScaled | None = None):
         self.model_dir = Path(model_dir)
         kind = find(self.model_dir)
         if kind is None:
@@ -58,6 +59,22 @@ class ShardReader:
                 raise InputError(f"{self.model_dir} holds both {self._stored[canonical]} and {name}, one tensor "
                                  "under two names")
             self._stored[canonical], self.files[canonical] = name, shard
+        # weights stored encoded (FP8 with a scale per block): canonical name -> its scales' name,
+        # which no caller sees; get() hands out the weight they encode
+        self.encoding = encoding
+        self._scales: dict[str, tuple[Path, str]] = {}  # encoded weight -> its scales' file and stored name
+        if encoding is not None:
+            for name in list(self.files):
+                scales = encoding.scale_name(name)
+                if scales in self.files:
+                    self._scales[name] = (self.files[scales], self._stored[scales])
+            for name in self._scales:
+                del self.files[encoding.scale_name(name)], self._stored[encoding.scale_name(name)]
+        for name in self.files:
+            if self.info(name).dtype == "F8_E4M3" and name not in self._scales:
+                raise InputError(f"{self.model_dir}: tensor {name} is float8 without a scale beside it; streamq reads "
+                                 "FP8 weights with weight_scale_inv blocks, named by quantization_config "
+                                 "(quant_method fp8, weight_block_size)")
         self._handles: dict[Path, object] = {}
         self._identity = {shard: self._identify(shard) for shard in self.infos}
         for alias, target in (tied or {}).items():
@@ -121,7 +138,11 @@ class ShardReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
             raise InputError(f"tensor {name} is missing from {self.model_dir}")
-        return self._handle(self.files[name]).get(self._stored[name])
+        stored = self._handle(self.files[name]).get(self._stored[name])
+        if name in self._scales:  # an encoded weight: decoded in float32, rounded once to the model's dtype
+            path, scales = self._scales[name]
+            return self.encoding.decode(stored, self._handle(path).get(scales)).to(self.float_dtype() or torch.float32)
+        return stored
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors whose names start with prefix, keyed by the rest of the name."""

@@ -58,7 +58,7 @@ def test_fingerprint_changes_with_the_weights_layout(tiny_models, tmp_path):
     ("truncated", "the file is truncated"),
     ("garbage_header", "corrupt header"),
     ("huge_header", "corrupt header"),
-    ("bad_dtype", "unsupported dtype F8_E4M3"),
+    ("bad_dtype", "unsupported dtype F8_E5M2"),
     ("wrong_size", "needs"),
     ("overlap", "overlap"),
     ("missing_shard", "is missing from"),
@@ -75,7 +75,7 @@ def test_bad_shards_give_one_clear_error(tiny_models, tmp_path, case, match):
     elif case == "huge_header":
         shard.write_bytes(struct.pack("<Q", 2**40) + shard.read_bytes()[8:])
     elif case == "bad_dtype":
-        rewrite_header(shard, lambda h: next(v for k, v in h.items() if k != "__metadata__").update(dtype="F8_E4M3"))
+        rewrite_header(shard, lambda h: next(v for k, v in h.items() if k != "__metadata__").update(dtype="F8_E5M2"))
     elif case == "wrong_size":
         rewrite_header(shard, lambda h: next(v for k, v in h.items() if k != "__metadata__")["shape"].append(2))
     elif case == "overlap":

@@ -10,6 +10,7 @@ import torch
 
 from ..config import QuantConfig
 from ..errors import SettingsError, UnsupportedModelError
+from ..sources.fp8 import block_scaled
 from .awq import AWQ
 from .base import Format, config_dict, dense_state, dequantize, linear_tensors
 from .compressed_tensors import COMPRESSED_TENSORS
@@ -36,7 +37,7 @@ def reading(hf_config: Any) -> tuple[Format, dict] | None:
     """(format, settings) of a quantized checkpoint's config; None for plain weights. A
     quantization_config streamq cannot read is refused in one line."""
     qc = getattr(hf_config, "quantization_config", None)
-    if qc is None:
+    if qc is None or block_scaled(hf_config) is not None:  # FP8 source weights: the reader decodes them
         return None
     qc = config_dict(qc)
     for fmt in FORMATS.values():

@@ -11,7 +11,8 @@ import torch
 
 # Weight dtypes streamq reads, by their safetensors names (bytes per element); anything else
 # is refused by name.
-DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "BOOL": 1, "U8": 1, "I8": 1}
+DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "BOOL": 1, "U8": 1, "I8": 1,
+               "F8_E4M3": 1}  # FP8 block-scaled weights (sources.fp8)
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
