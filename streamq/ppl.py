@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block import check_finite
 from .budget import format_bytes
 from .calib import read_ids, read_text
 from .errors import CalibrationError, SettingsError
@@ -214,6 +215,7 @@ def perplexity(
             block = build_block(hf_config, i, block_state(reader, family.block_prefix(i), dev, packed, ops),
                                 dev, dtype)
             reader.release()
+            check_finite(block, family.block_prefix(i))  # a damaged block is named, not a NaN perplexity
             kwargs = family.block_kwargs(hf_config, seqlen, dev, dtype, i)
             for lo in range(0, n, chunk):
                 x = store.data[lo: lo + chunk].to(dev)

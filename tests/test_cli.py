@@ -161,6 +161,10 @@ def test_non_finite_source_weights_are_refused_by_name_and_earlier_blocks_kept(t
     assert_clean_error(invoke("run", "--model", model, "--output", out, *SMALL),
                        "block 1: the source's model.decoder.layers.1.fc2.weight holds 1 non-finite values (NaN or inf)")
     assert json.loads((out / ".streamq" / "journal.json").read_text())["done_blocks"] == 1
+    text = tmp_path / "text.txt"  # streamq ppl of the same checkpoint: refused by name too, not a NaN figure
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    assert_clean_error(invoke("ppl", "--model", model, "--data", text, "--seqlen", "64", "--device", "cpu"),
+                       "the source's model.decoder.layers.1.fc2.weight holds 1 non-finite values (NaN or inf)")
 
 
 @pytest.mark.parametrize("command", ["run", "ppl"])
