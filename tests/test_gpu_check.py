@@ -34,7 +34,8 @@ def test_cpu_mode_passes_every_stage_it_can_run(cpu_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = summary["stages"]
     assert list(stages) == ["env", "build", "gpu-tests", "kernels-run", "ppl", "formats", "wide-opt-30b",
-                            "bench-kernels", "wide-llama-3-70b", "wide-llama-2-7b", "wide-llama-2-7b-gptq", "wide-mixtral-8x7b"]
+                            "bench-kernels", "wide-llama-3-70b", "wide-llama-2-7b", "wide-llama-2-7b-gptq", "wide-mixtral-8x7b",
+                            "trace-llama-2-7b"]
     for name in ("build", "gpu-tests", "kernels-run", "bench-kernels"):
         assert stages[name] == {"status": "skipped", "reason": "needs a CUDA device"}
     assert all(stages[name]["status"] == "ok" for name in stages if name not in
@@ -42,6 +43,12 @@ def test_cpu_mode_passes_every_stage_it_can_run(cpu_run):
     assert stages["env"]["torch"] and stages["env"]["cuda_available"] is False
     assert "| stage | status | seconds | figures |" in proc.stdout  # the summary table, printed last
     assert (out / "gpu_check.log").stat().st_size > 0
+
+
+def test_trace_stage_profiles_one_block(cpu_run):
+    table = cpu_run[1]["stages"]["trace-llama-2-7b"]["table"]
+    assert any("under the profiler" in line for line in table) and any("aten::mm" in line for line in table)
+    assert "| capture |" in "\n".join(table)  # the phases beside the operators
 
 
 def test_formats_stage_loads_the_output_with_transformers(cpu_run):

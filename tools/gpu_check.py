@@ -56,6 +56,7 @@ STAGES = (
     Stage("wide-llama-2-7b", False, 90, 120),
     Stage("wide-llama-2-7b-gptq", False, 150, 120),  # GPTQ's defaults: Hessians up to 11008^2 floats
     Stage("wide-mixtral-8x7b", False, 300, 120),  # 38GB: the whole block; the smallest budget: experts parked
+    Stage("trace-llama-2-7b", False, 120, 60),  # one block under torch.profiler: where its time goes, op by op
     Stage("suite", False, 600, 0),  # the whole test suite (suspect: tests that assume a CPU); --suite only
 )
 
@@ -418,6 +419,27 @@ def stage_wide(name: str, method: str = "awq"):
     return run
 
 
+def stage_trace(args, work: Path, log: Path, deadline: float) -> dict:
+    """One LLaMA-2-7B-width block's quantization under torch.profiler (tools/trace_block.py), at
+    the paper's calibration as the engine plans it: its phases and top operators by self time;
+    the Chrome trace stays in the work folder (tens of MB)."""
+    from make_wide_model import write
+
+    cfg = settings(args)
+    spec = (WIDE_SMALL if args.small else WIDE)["llama-2-7b"]
+    model = work / "model-trace"
+    if not (model / "config.json").is_file():
+        write(model, spec.family, 1, spec.hidden, spec.ffn, spec.heads, cfg["vocab"], 0, spec.kv_heads,
+              "cuda" if args.device == "cuda" else "cpu")
+    trace = work / "trace-llama-2-7b.json"
+    rc, secs, out = sh([sys.executable, "tools/trace_block.py", "--model", model, "--device", args.device,
+                        "--n-samples", cfg["n_samples"], "--seqlen", cfg["seqlen"], "--kernels", args.kernels,
+                        "--trace", trace, "--top", "12"], remaining(deadline), log)
+    table = [line for line in out.splitlines()
+             if line.startswith("|") or "aten::" in line or "time total" in line or "under the profiler" in line]
+    return {"ok": rc == 0 and trace.is_file(), "exit": rc, "seconds": round(secs, 1), "table": table}
+
+
 def stage_bench_kernels(args, work: Path, log: Path, deadline: float) -> dict:
     rc, secs, out = sh([sys.executable, "tools/bench_kernels.py", "--shapes", "opt-13b", "opt-30b", "--repeats", "3"],
                        remaining(deadline), log)
@@ -430,6 +452,7 @@ RUNNERS = {
     "ppl": stage_ppl, "formats": stage_formats, "bench-kernels": stage_bench_kernels, "suite": stage_suite,
     **{f"wide-{name}": stage_wide(name) for name in WIDE},
     "wide-llama-2-7b-gptq": stage_wide("llama-2-7b", "gptq"),
+    "trace-llama-2-7b": stage_trace,
 }
 
 
@@ -495,6 +518,9 @@ def figures(name: str, r: dict) -> str:
         return f"identical {r.get('identical')}; " + "; ".join(parts)
     if name == "bench-kernels":
         return f"{len(r.get('table', [])) - 3} rows (see summary.json)"
+    if name.startswith("trace-"):
+        head = next((line for line in r.get("table", []) if "under the profiler" in line), "")
+        return head.split(": ")[-1] + " (phases and top operators in summary.json)"
     return ""
 
 
