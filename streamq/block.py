@@ -63,11 +63,19 @@ def linear_names(block: nn.Module) -> list[str]:
     return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
 
 
+def block_groups(block: nn.Module, family: Family, config: Any) -> list:
+    """The family's scale groups this block has: those whose modules it holds (a model with two
+    kinds of blocks, dense and sparse MLPs, lists the groups of both)."""
+    have = {name for name, _ in block.named_modules()}
+    return [g for g in family.scale_groups(config)
+            if {g.prev_op, g.inspect, *g.linears, *g.absorbers, *([g.input_of] if g.input_of else [])} <= have]
+
+
 def input_source(block: nn.Module, family: Family, config: Any) -> dict[str, str]:
     """For each linear, the linear whose captured input it shares: the first of its group under
     the same parent module (q/k/v; gate/up; one expert's gate/up, not another expert's)."""
     source = {name: name for name in linear_names(block)}
-    for group in family.scale_groups(config):
+    for group in block_groups(block, family, config):
         first: dict[str, str] = {}
         for name in group.linears:
             source[name] = first.setdefault(name.rpartition(".")[0], name)
@@ -78,7 +86,7 @@ def captured_inputs(block: nn.Module, family: Family, config: Any) -> set[str]:
     """The modules whose inputs one block's quantization captures: each linear's (shared as
     input_source says) and the modules the scale groups read (a sparse MLP's)."""
     names = set(input_source(block, family, config).values())
-    return names | {g.input_of for g in family.scale_groups(config) if g.input_of}
+    return names | {g.input_of for g in block_groups(block, family, config) if g.input_of}
 
 
 def search_input(group) -> str:
@@ -213,7 +221,7 @@ def search_block(
                                      salient_channels(act_scale(feats[source[name]], device), qcfg.salient_frac))
         return records
     if qcfg.mode in ("awq", "s2"):
-        for group in family.scale_groups(config):  # every search sees the unscaled block, as in the paper
+        for group in block_groups(block, family, config):  # every search sees the unscaled block, as in the paper
             if search_input(group) in cold:  # too few tokens to judge a scale: none (s = 1)
                 continue
             x = feats[search_input(group)]

@@ -195,13 +195,14 @@ def host_bytes(shape: BlockShape, plan: Plan, n_samples: int, seqlen: int, elem_
 
 def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
                budget: int | None, default_chunk: int = 16, micro: int | None = None, gptq: bool = False,
-               twin: bool = False, park: bool | None = None) -> Plan:
+               twin: bool = False, park: bool | None = None, resident: bool = True) -> Plan:
     """The largest chunk (in whole samples) that fits the budget, activations on the device
     if they fit there with at least one sample per chunk, else streamed from the host;
     `micro` samples per forward pass (None: the whole chunk); `twin`: a quantized copy of the block
     runs the calibration again (--next-input quantized). A block with routed experts that does
     not fit whole parks its experts in host memory, one on the device at a time (`park`: None
-    decides so, True always, False never)."""
+    decides so, True always, False never). `resident` False: activations never stay on the device
+    (a model with several kinds of blocks keeps them in one place for all)."""
     e = elem_bytes
     L = shape.largest_linear
     # the largest of: a candidate being made (w * s, the quantizer's float32 codes, the result),
@@ -253,7 +254,7 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
         parks, _, streamed = options[0]
         return Plan(c, False, streamed(c), minimum, micro, parks)
     for parks, on_device, streamed in options:  # the whole block first: parking costs transfers
-        if on_device(sizes[0]) <= budget:
+        if resident and on_device(sizes[0]) <= budget:
             c = max(k for k in sizes if on_device(k) <= budget)
             return Plan(c, True, on_device(c), minimum, micro, parks)
         if streamed(sizes[0]) <= budget:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import parallel
-from .block import captured_inputs, check_shapes, output_bytes
+from .block import block_groups, captured_inputs, check_shapes, output_bytes
 from .budget import BlockShape, Plan, format_bytes, forward_samples, host_bytes, plan_block
 from .config import CalibConfig, QuantConfig
 from .errors import SettingsError
@@ -30,21 +30,49 @@ GB = 1e9
 
 def block_plan(hf_config: Any, family: Family, qcfg: QuantConfig, calib: CalibConfig, dev: torch.device,
                dtype: torch.dtype, budget: int | None) -> tuple[BlockShape, Plan]:
-    """The block's shapes and the plan for them under `budget` (SettingsError where one block
-    does not fit); every block has the same shapes. A data-free run (RTN) plans one block's
-    weights and their quantization, no sample in flight."""
+    """The plan for the model's blocks under `budget` (SettingsError where one block does not
+    fit), and the shapes of its largest block. A model with several kinds of blocks (dense and
+    sparse MLPs) plans each kind and runs every block with what all of them allow: the smallest
+    chunk, activations on the device only where every kind keeps them there, the largest fixed
+    forward pass, experts parked where a kind parks them. A data-free run (RTN) plans one
+    block's weights and their quantization, no sample in flight."""
     check_seqlen(hf_config, calib.seqlen)
     if qcfg.data_free:
         calib = CalibConfig(n_samples=1, seqlen=2)
-    block = meta_block(hf_config)
-    check_shapes(block, family.block_prefix(0), qcfg.group_size)
-    shape = BlockShape.of(block, captured_inputs(block, family, hf_config), family.scale_groups(hf_config),
-                          qcfg.group_size, qcfg.clip_tokens, qcfg.gram_loss and qcfg.mode == "awq")
     elem = torch.finfo(dtype).bits // 8
-    plan = plan_block(shape, calib.n_samples, calib.seqlen, elem, budget,
-                      micro=forward_samples(dev, shape, calib.n_samples, calib.seqlen, elem), gptq=qcfg.gptq,
-                      twin=qcfg.next_input == "quantized")
-    return shape, plan
+    shapes, found = [], set()
+    for i in family.kinds(hf_config):
+        block = meta_block(hf_config, i)
+        check_shapes(block, family.block_prefix(i), qcfg.group_size)
+        groups = block_groups(block, family, hf_config)
+        found |= set(groups)
+        shapes.append(BlockShape.of(block, captured_inputs(block, family, hf_config), groups, qcfg.group_size,
+                                    qcfg.clip_tokens, qcfg.gram_loss and qcfg.mode == "awq"))
+    unplaced = [g.prev_op for g in family.scale_groups(hf_config) if g not in found]
+    if unplaced:  # a family names a group no block holds: a bug, not a setting
+        raise RuntimeError(f"{family.name}: scale groups after {unplaced} match no block's modules")
+    micros = [m for m in (forward_samples(dev, s, calib.n_samples, calib.seqlen, elem) for s in shapes) if m]
+
+    def plans(resident: bool, budget: int | None = budget) -> list[Plan]:
+        return [plan_block(s, calib.n_samples, calib.seqlen, elem, budget, micro=max(micros, default=None),
+                           gptq=qcfg.gptq, twin=qcfg.next_input == "quantized", resident=resident) for s in shapes]
+    if budget is not None and len(shapes) > 1:  # refused with the smallest budget every kind fits in
+        smallest = plans(True, None)
+        kind = max(range(len(shapes)), key=lambda k: smallest[k].minimum_bytes)
+        shapes = shapes[kind:] + shapes[:kind]  # that kind planned first: its message names it
+    each = plans(True)
+    if not all(p.activations_on_device for p in each) and any(p.activations_on_device for p in each):
+        each = plans(False)
+    plan = Plan(min(p.chunk_samples for p in each), all(p.activations_on_device for p in each),
+                max(p.estimated_peak_bytes for p in each), max(p.minimum_bytes for p in each),
+                each[0].forward_samples, any(p.experts_parked for p in each))
+    return max(shapes, key=lambda s: s.weight_elems), (each[0] if len(each) == 1 else plan)
+
+
+def block_bytes(hf_config: Any, family: Family, qcfg: QuantConfig, fmt: Format) -> int:
+    """Bytes the blocks take in the checkpoint, kind by kind."""
+    kinds = {i: output_bytes(meta_block(hf_config, i), qcfg, fmt) for i in family.kinds(hf_config)}
+    return sum(kinds[family.layer_kind(hf_config, i)] for i in range(family.n_layers(hf_config)))
 
 
 def device_budget(dev: torch.device, budget: int | None) -> int | None:
@@ -169,8 +197,7 @@ def forecast(model: str | Path, qcfg: QuantConfig = QuantConfig(), calib: CalibC
     source_elem = torch.finfo(stored).bits // 8 if stored is not None else 2
     storage_elem = torch.finfo(qcfg.storage_torch_dtype).bits // 8
     n_layers = family.n_layers(hf_config)
-    out = n_layers * output_bytes(meta_block(hf_config), qcfg, fmt) + _non_block_bytes(reader, hf_config, family,
-                                                                                      storage_elem)
+    out = block_bytes(hf_config, family, qcfg, fmt) + _non_block_bytes(reader, hf_config, family, storage_elem)
     return Forecast(
         source=source.to_json(), family=family.name, blocks=n_layers, device=str(dev), compute_dtype=dtype_name(dtype),
         budget=budget, fits=fits, plan=plan.to_json(),

@@ -195,7 +195,8 @@ def perplexity(
     elem = torch.finfo(dtype).bits // 8
     if max_gpu_mem is None and dev.type == "cuda":
         max_gpu_mem = torch.cuda.mem_get_info(dev)[0]
-    chunk = plan_chunk(meta_block(hf_config), hf_config, n, seqlen, elem, max_gpu_mem)
+    chunk = min(plan_chunk(meta_block(hf_config, i), hf_config, n, seqlen, elem, max_gpu_mem)
+                for i in family.kinds(hf_config))  # each kind of block (dense, sparse) must fit
     if host_mem is None:
         import psutil
 

@@ -180,3 +180,36 @@ def test_a_mixture_is_the_same_bytes_chunked_by_one_pass_or_by_all_samples(tmp_p
                                      max_gpu_mem=budget).plan)
     assert [(p.forward_samples, p.chunk_samples) for p in plans] == [(8, 12), (8, 8)]
     assert checkpoint_bytes(tmp_path / "oNone") == checkpoint_bytes(tmp_path / f"o{minimum}")
+
+
+@pytest.mark.parametrize("name,extra,layers,dense", [("qwen2_moe", {"mlp_only_layers": [0]}, 3, [0]),
+                                                     ("qwen3_moe", {"decoder_sparse_step": 2}, 4, [0, 2])])
+def test_dense_and_sparse_layers_in_one_model(eval_text, tmp_path, name, extra, layers, dense):  # noqa: F811
+    """Qwen-MoE configs whose mlp_only_layers or decoder_sparse_step make some layers dense (as
+    DeepSeek-V3's first layers are): each block gets the groups of the MLP it has, the plan covers
+    both kinds (the smallest budget parks the sparse blocks' experts); the streamed ppl is
+    transformers', the output the unstreamed reference's at every budget, and the plan the run's."""
+    from streamq.forecast import forecast
+
+    model_dir = make_tiny(tmp_path / name, name, hidden=128, ffn=128, layers=layers, seed=7, config_extra=extra)
+    config = load_config(model_dir)
+    family = detect(config)
+    assert [i for i in range(layers) if family.layer_kind(config, i) == 0] == dense
+    ids = text_ids(model_dir, eval_text)
+    assert perplexity(model_dir, eval_text, seqlen=SEQLEN, device="cpu").ppl == \
+        pytest.approx(reference_ppl(model_dir, ids, SEQLEN), rel=1e-5)
+    reference.quantize(model_dir, tmp_path / "ref", QuantConfig(), CALIB, chunk_samples=4, device="cpu")
+    minimum = engine.plan(model_dir, QuantConfig(), CALIB, device="cpu").minimum_bytes
+    for budget in (None, minimum):
+        out = tmp_path / f"s{budget}"
+        summary = engine.quantize(model_dir, out, QuantConfig(), CALIB, device="cpu", max_gpu_mem=budget)
+        assert checkpoint_bytes(out) == checkpoint_bytes(tmp_path / "ref")
+        assert summary.plan.experts_parked == (budget is not None)
+        told = forecast(model_dir, QuantConfig(), CALIB, device="cpu", max_gpu_mem=budget)
+        assert told.plan == json.loads((out / "streamq.json").read_text())["plan"]
+    written = tensors(out)
+    assert "model.layers.0.mlp.down_proj.qweight" in written and "model.layers.0.mlp.gate.weight" not in written
+    sparse = next(i for i in range(layers) if i not in dense)
+    assert f"model.layers.{sparse}.mlp.experts.1.down_proj.qweight" in written
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert f"model.layers.{sparse}.mlp.gate" in ignore and "model.layers.0.mlp.gate" not in ignore

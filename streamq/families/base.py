@@ -70,9 +70,16 @@ class Family:
     # name prefixes checkpoints are published with beside transformers' own, (as published,
     # canonical): OPT-6.7b/13b/30b/350m were saved from the base model as decoder.*
     checkpoint_prefixes: tuple[tuple[str, str], ...] = ()
+    # layer i's kind, as the first layer of that kind (config, i) -> index: models whose blocks
+    # differ (dense and sparse MLPs) are planned per kind; one kind by default
+    layer_kind: Callable[[Any, int], int] = field(default=lambda config, index: 0)
 
     def n_layers(self, config: Any) -> int:
         return int(config.num_hidden_layers)
+
+    def kinds(self, config: Any) -> list[int]:
+        """One layer index per kind of block, in order."""
+        return sorted({self.layer_kind(config, i) for i in range(self.n_layers(config))})
 
     def block_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}.{index}."

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..errors import UnsupportedModelError
 from ..placement import is_parked, loaded
 from ..search import run_module
 from .base import BLOCK_BUILDERS, LAYER_ADAPTERS, Family, ScaleGroup, modeling_class
@@ -195,22 +194,26 @@ def _batched(cls: type) -> type:
     return _BATCHED[cls]
 
 
-def sparse_layers(config: Any) -> bool:
-    """Every decoder layer holds the sparse MLP (Qwen's mlp_only_layers and decoder_sparse_step
-    can make some dense; such models are not supported yet)."""
+def sparse(config: Any, index: int) -> bool:
+    """Whether layer `index` holds the sparse MLP, as transformers decides it: Qwen's
+    mlp_only_layers and decoder_sparse_step make some layers dense (Mixtral has neither)."""
     only = list(getattr(config, "mlp_only_layers", None) or [])
     step = int(getattr(config, "decoder_sparse_step", 1) or 1)
-    return not only and step == 1
+    return index not in only and (index + 1) % step == 0
+
+
+def layer_kind(config: Any, index: int) -> int:
+    """The first layer with layer `index`'s MLP (dense or sparse)."""
+    return next(i for i in range(index + 1) if sparse(config, i) == sparse(config, index))
 
 
 def moe_builder(layout: MoeLayout):
     def build(config: Any, index: int) -> nn.Module:
-        """The transformers decoder layer with its sparse MLP replaced by SparseMoe."""
-        if not sparse_layers(config):
-            raise UnsupportedModelError(
-                f"{config.model_type} with dense decoder layers (mlp_only_layers={config.mlp_only_layers}, "
-                f"decoder_sparse_step={config.decoder_sparse_step}) is not supported yet: every layer must be sparse")
+        """The transformers decoder layer with its sparse MLP replaced by SparseMoe (a dense
+        layer as transformers builds it)."""
         layer = modeling_class(config, "DecoderLayer")(config, layer_idx=index)
+        if not sparse(config, index):
+            return layer
         _install(layer, layout, SparseMoe(config, layout))
         layer.__class__ = _batched(type(layer))  # the same layer, able to run batches expert by expert
         return layer
@@ -234,6 +237,8 @@ def moe_adapter(layout: MoeLayout):
         every expert linear's weight is a view of the fused parameters (gate_up_proj[e] rows
         [0, F) and [F, 2F), down_proj[e]), the routers share the model's tensors."""
         fused = layer.mlp
+        if not hasattr(fused, "experts"):  # a dense layer: as transformers holds it
+            return
         param = fused.experts.gate_up_proj
         with torch.device("meta"):
             moe = SparseMoe(config, layout)
@@ -272,6 +277,9 @@ def _moe_groups(layout: MoeLayout):
         if layout.shared:
             out.append(ScaleGroup(f"{p}.shared_expert.up_proj", (f"{p}.shared_expert.down_proj",),
                                   f"{p}.shared_expert.down_proj"))
+        if not all(sparse(config, i) for i in range(config.num_hidden_layers)):  # dense layers' MLPs
+            out += [ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+                    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj")]
         return out
     return groups
 
@@ -282,7 +290,7 @@ def _ignored(layout: MoeLayout):
         # loaders match (compressed-tensors by name, AutoAWQ/vLLM by substring)
         names = ["gate"] + (["shared_expert_gate"] if layout.shared else [])
         return ["lm_head"] + [f"{LLAMA.layers_prefix}.{i}.{layout.attr}.{n}" for i in range(config.num_hidden_layers)
-                              for n in names]
+                              if sparse(config, i) for n in names]
     return ignored
 
 
@@ -290,7 +298,7 @@ def _family(name: str, layout: MoeLayout) -> Family:
     BLOCK_BUILDERS[name] = moe_builder(layout)
     LAYER_ADAPTERS[name] = moe_adapter(layout)
     return dataclasses.replace(LLAMA, name=name, model_types=(name,), scale_groups=_moe_groups(layout),
-                               extra_linears=_ignored(layout))
+                               extra_linears=_ignored(layout), layer_kind=layer_kind)
 
 
 MIXTRAL = _family("mixtral", MoeLayout("block_sparse_moe", ("w1", "w3", "w2"), "num_local_experts",
