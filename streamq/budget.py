@@ -195,14 +195,15 @@ def host_bytes(shape: BlockShape, plan: Plan, n_samples: int, seqlen: int, elem_
 
 def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
                budget: int | None, default_chunk: int = 16, micro: int | None = None, gptq: bool = False,
-               twin: bool = False, park: bool | None = None, resident: bool = True) -> Plan:
+               twin: bool = False, park: bool | None = None, resident: bool | None = None) -> Plan:
     """The largest chunk (in whole samples) that fits the budget, activations on the device
     if they fit there with at least one sample per chunk, else streamed from the host;
     `micro` samples per forward pass (None: the whole chunk); `twin`: a quantized copy of the block
     runs the calibration again (--next-input quantized). A block with routed experts that does
     not fit whole parks its experts in host memory, one on the device at a time (`park`: None
-    decides so, True always, False never). `resident` False: activations never stay on the device
-    (a model with several kinds of blocks keeps them in one place for all)."""
+    decides so, True always, False never). `resident` likewise for the activations: True only on
+    the device, False only streamed (a model with several kinds of blocks keeps them in one place
+    for all), None whichever fits; the smallest budget is that of the places allowed."""
     e = elem_bytes
     L = shape.largest_linear
     # the largest of: a candidate being made (w * s, the quantizer's float32 codes, the result),
@@ -248,16 +249,17 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
     sizes = chunk_sizes(n_samples, MAX_CHUNK_SAMPLES, micro)
     # the smallest chunk streamed, or kept on the device where that costs less (a chunk of fixed
     # forward passes may hold half the samples or more)
-    minimum = min(min(on_device(sizes[0]), streamed(sizes[0])) for _, on_device, streamed in options)
+    places = [f for f, allowed in ((0, resident is not False), (1, resident is not True)) if allowed]
+    minimum = min((on_device, streamed)[f](sizes[0]) for _, on_device, streamed in options for f in places)
     if budget is None:
         c = max(k for k in chunk_sizes(n_samples, default_chunk, micro) + sizes[:1])
         parks, _, streamed = options[0]
         return Plan(c, False, streamed(c), minimum, micro, parks)
     for parks, on_device, streamed in options:  # the whole block first: parking costs transfers
-        if resident and on_device(sizes[0]) <= budget:
+        if resident is not False and on_device(sizes[0]) <= budget:
             c = max(k for k in sizes if on_device(k) <= budget)
             return Plan(c, True, on_device(c), minimum, micro, parks)
-        if streamed(sizes[0]) <= budget:
+        if resident is not True and streamed(sizes[0]) <= budget:
             c = max(k for k in sizes if streamed(k) <= budget)
             return Plan(c, False, streamed(c), minimum, micro, parks)
     weights = f"its weights of {format_bytes(shape.weight_elems * e)}"

@@ -52,21 +52,30 @@ def block_plan(hf_config: Any, family: Family, qcfg: QuantConfig, calib: CalibCo
     if unplaced:  # a family names a group no block holds: a bug, not a setting
         raise RuntimeError(f"{family.name}: scale groups after {unplaced} match no block's modules")
     micros = [m for m in (forward_samples(dev, s, calib.n_samples, calib.seqlen, elem) for s in shapes) if m]
+    micro = max(micros, default=None)
 
-    def plans(resident: bool, budget: int | None = budget) -> list[Plan]:
-        return [plan_block(s, calib.n_samples, calib.seqlen, elem, budget, micro=max(micros, default=None),
-                           gptq=qcfg.gptq, twin=qcfg.next_input == "quantized", resident=resident) for s in shapes]
-    if budget is not None and len(shapes) > 1:  # refused with the smallest budget every kind fits in
-        smallest = plans(True, None)
-        kind = max(range(len(shapes)), key=lambda k: smallest[k].minimum_bytes)
-        shapes = shapes[kind:] + shapes[:kind]  # that kind planned first: its message names it
-    each = plans(True)
-    if not all(p.activations_on_device for p in each) and any(p.activations_on_device for p in each):
-        each = plans(False)
-    plan = Plan(min(p.chunk_samples for p in each), all(p.activations_on_device for p in each),
-                max(p.estimated_peak_bytes for p in each), max(p.minimum_bytes for p in each),
-                each[0].forward_samples, any(p.experts_parked for p in each))
-    return max(shapes, key=lambda s: s.weight_elems), (each[0] if len(each) == 1 else plan)
+    def plans(resident: bool | None, budget: int | None) -> list[Plan]:
+        return [plan_block(s, calib.n_samples, calib.seqlen, elem, budget, micro=micro, gptq=qcfg.gptq,
+                           twin=qcfg.next_input == "quantized", resident=resident) for s in shapes]
+    shape = max(shapes, key=lambda s: s.weight_elems)
+    if len(shapes) == 1:
+        return shape, plans(None, budget)[0]
+    # one place for every kind's activations: on the device where all fit there, else streamed
+    minimum = min(max(p.minimum_bytes for p in plans(place, None)) for place in (True, False))
+    each = plans(False, None) if budget is None else None
+    for place in (True, False) if budget is not None else ():
+        try:
+            each = plans(place, budget)
+            break
+        except SettingsError:
+            continue
+    if each is None:
+        raise SettingsError(f"--max-gpu-mem {format_bytes(budget)} is too small: a block of each kind needs at least "
+                            f"{format_bytes(minimum, up=True)} (its weights, the search's copies of its largest "
+                            "linears, and one forward pass of calibration samples, the activations of every kind "
+                            "kept in one place)")
+    return shape, Plan(min(p.chunk_samples for p in each), each[0].activations_on_device,
+                       max(p.estimated_peak_bytes for p in each), minimum, micro, any(p.experts_parked for p in each))
 
 
 def block_bytes(hf_config: Any, family: Family, qcfg: QuantConfig, fmt: Format) -> int:

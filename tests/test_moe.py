@@ -8,6 +8,7 @@ SIGKILL is byte-identical."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from make_tiny_model import make_tiny
 from streamq import engine, reference
 from streamq.block import quantize_block
 from streamq.cli import app
-from streamq.config import CalibConfig, QuantConfig
+from streamq.config import CalibConfig, QuantConfig, parse_size
+from streamq.errors import SettingsError
 from streamq.families import build_block, detect
 from streamq.formats.awq import AWQ
 from streamq.models import load_config
@@ -207,6 +209,10 @@ def test_dense_and_sparse_layers_in_one_model(eval_text, tmp_path, name, extra, 
         assert summary.plan.experts_parked == (budget is not None)
         told = forecast(model_dir, QuantConfig(), CALIB, device="cpu", max_gpu_mem=budget)
         assert told.plan == json.loads((out / "streamq.json").read_text())["plan"]
+    with pytest.raises(SettingsError, match=r"a block of each kind needs at least (\S+) ") as refused:
+        engine.plan(model_dir, QuantConfig(), CALIB, device="cpu", max_gpu_mem=minimum - 1)
+    named = re.search(r"needs at least (\S+) ", str(refused.value)).group(1)  # copied back, it plans
+    assert engine.plan(model_dir, QuantConfig(), CALIB, device="cpu", max_gpu_mem=parse_size(named)).experts_parked
     written = tensors(out)
     assert "model.layers.0.mlp.down_proj.qweight" in written and "model.layers.0.mlp.gate.weight" not in written
     sparse = next(i for i in range(layers) if i not in dense)
