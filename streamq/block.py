@@ -18,6 +18,7 @@ from .families import Family
 from .formats import Format, dense_state
 from .timing import UNTIMED, Phases
 from .formats.awq import AWQ
+from .gram import cheaper
 from .gptq import NotPositiveDefinite, gptq_quantize, hessian, scaled_hessian
 from .kernels import TORCH, Ops
 from .placement import Assembler, TokenCollector, compute_device, loaded, parked_root, upload
@@ -231,7 +232,8 @@ def search_block(
                 inspect = block.get_submodule(group.inspect)
                 with loaded(parked_root(block, group.inspect)), phases(f"scale {group.prev_op}"):
                     # one parked expert's group: on the device while it is searched
-                    if qcfg.gram_loss and group.own_output:
+                    if qcfg.gram_loss and group.own_output and cheaper(token_count(x), *inspect.weight.shape,
+                                                                       qcfg.n_grid):
                         scales, losses = search_scale_gram(inspect, x, x_mean, qcfg, ops.scaled_pseudo_quantize)
                     else:
                         scales, losses = search_scale(inspect, linears, x, x_mean,

@@ -50,6 +50,16 @@ def work_bytes(rows: int, width: int, elem_bytes: int, g_whole: bool) -> int:
             + span * min(width, GRAM_BLOCK) * FLOAT32 + g)
 
 
+def cheaper(tokens: int, rows: int, width: int, candidates: int) -> bool:
+    """Whether the Gram form takes fewer multiply-adds than a forward pass per candidate for a
+    linear [rows, width] judged on `tokens` calibration tokens: making G (tokens x its kept
+    elements) and each candidate's quadratic form (rows x its kept elements) against the reference
+    and each candidate's product (tokens x width x rows). An expert given few tokens is judged by
+    forward passes; a decision from shapes and token counts alone, never from the budget."""
+    kept = gram_bytes(width) // FLOAT32
+    return tokens * kept + candidates * rows * kept < (candidates + 1) * tokens * width * rows
+
+
 def gram_bytes(width: int) -> int:
     """Bytes of G's kept blocks for inputs `width` wide (float32)."""
     return sum((r[1] - r[0]) * (c[1] - c[0]) for r, c in pairs(width)) * FLOAT32

@@ -117,3 +117,17 @@ def test_planner_counts_g_on_the_device_or_one_block_of_it():
     assert on_device.estimated_peak_bytes > plan_block(without, 16, 512, 2, budget=10**12).estimated_peak_bytes
     smallest = plan_block(with_g, 16, 512, 2, budget=None).minimum_bytes
     assert not plan_block(with_g, 16, 512, 2, budget=smallest).activations_on_device
+
+
+def test_the_gram_form_is_used_where_it_costs_fewer_products(tiny_models):
+    """cheaper(): at OPT-30B's fc2 with the paper's 65536 tokens the Gram form, for an expert the
+    router gave 100 tokens at Mixtral's width the forward pass. A block calibrated on 8 tokens
+    judges its up -> down group by forward passes: the very losses of --no-gram-loss."""
+    assert gram.cheaper(65536, 7168, 28672, 20) and not gram.cheaper(100, 4096, 14336, 20)
+    s = setup_model(tiny_models["llama"], n_samples=1, seqlen=8, chunk=1)
+    block = s.layers[0]
+    feats, _ = capture(block, s.x_chunks, s.kwargs, set(input_source(block, s.family, s.config).values()))
+    by_rule = search_block(block, s.family, s.config, feats, s.kwargs, QuantConfig())
+    by_tokens = search_block(block, s.family, s.config, feats, s.kwargs, QuantConfig(gram_loss=False))
+    assert not gram.cheaper(8, 128, 256, 20)
+    assert [r.losses for r in by_rule.scales] == [r.losses for r in by_tokens.scales]
