@@ -222,7 +222,7 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
     whole = shape.weight_elems * e + shape.largest_group * e + SLACK_BYTES
     kept = shape.weight_elems - shape.parkable_elems
     parked = kept * e + shape.resident_group * e + 2 * shape.largest_parkable * e + SLACK_BYTES
-    resident = resident_bytes(shape, seqlen, e)
+    sample = resident_bytes(shape, seqlen, e)  # one sample's activations kept for the block
     # per sample in one forward pass: the block's intermediates; and one sample's error in float32
     per_forward = forward_bytes(shape, seqlen, e)
     loss = 3 * seqlen * shape.ref_width * FLOAT32
@@ -233,11 +233,11 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
 
     def peaks(fixed: int, device_weights: int, per_chunk: int):
         def on_device(c: int) -> int:
-            return (fixed + transient(device_weights, shape.gram_device_bytes) + n_samples * resident
+            return (fixed + transient(device_weights, shape.gram_device_bytes) + n_samples * sample
                     + (micro or c) * per_forward + loss + c * per_chunk)
 
         def streamed(c: int) -> int:
-            return (fixed + transient(device_weights, shape.gram_streamed_bytes) + 2 * c * resident
+            return (fixed + transient(device_weights, shape.gram_streamed_bytes) + 2 * c * sample
                     + (micro or c) * per_forward + loss + c * per_chunk)
         return on_device, streamed
 
@@ -249,8 +249,11 @@ def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,
     sizes = chunk_sizes(n_samples, MAX_CHUNK_SAMPLES, micro)
     # the smallest chunk streamed, or kept on the device where that costs less (a chunk of fixed
     # forward passes may hold half the samples or more)
-    places = [f for f, allowed in ((0, resident is not False), (1, resident is not True)) if allowed]
-    minimum = min((on_device, streamed)[f](sizes[0]) for _, on_device, streamed in options for f in places)
+    def smallest(on_device, streamed) -> int:  # the smallest chunk in the places allowed
+        if resident is None:
+            return min(on_device(sizes[0]), streamed(sizes[0]))
+        return (on_device if resident else streamed)(sizes[0])
+    minimum = min(smallest(on_device, streamed) for _, on_device, streamed in options)
     if budget is None:
         c = max(k for k in chunk_sizes(n_samples, default_chunk, micro) + sizes[:1])
         parks, _, streamed = options[0]

@@ -151,3 +151,18 @@ def test_a_gpu_passes_a_fixed_number_of_samples_and_chunks_in_multiples_of_it(on
     assert smallest.minimum_bytes > plan_block(shape, 20, 512, 2, budget=None, micro=1).minimum_bytes
     with pytest.raises(SettingsError, match="4 calibration samples of 512 tokens in flight"):
         plan_block(shape, 20, 512, 2, budget=smallest.minimum_bytes - 1, micro=4)
+
+
+def test_resident_says_where_activations_may_live(one_block_models):
+    """plan_block(resident=...): True only on the device, False only streamed (what a model with
+    two kinds of blocks asks of each), None either; the smallest budget is that of the places
+    allowed."""
+    shape = shape_of(AutoConfig.from_pretrained(one_block_models["opt"]))
+    assert plan_block(shape, 16, 512, 2, budget=10**12).activations_on_device
+    assert not plan_block(shape, 16, 512, 2, budget=10**12, resident=False).activations_on_device
+    on_device = plan_block(shape, 16, 512, 2, budget=None, resident=True).minimum_bytes
+    streamed = plan_block(shape, 16, 512, 2, budget=None, resident=False).minimum_bytes
+    assert on_device != streamed
+    assert plan_block(shape, 16, 512, 2, budget=None).minimum_bytes == min(on_device, streamed)
+    with pytest.raises(SettingsError, match="is too small"):
+        plan_block(shape, 16, 512, 2, budget=on_device - 1, resident=True)
