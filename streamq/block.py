@@ -358,8 +358,7 @@ def rounded(block: nn.Module, names: list[str], records: BlockRecords, qcfg: Qua
             w.view(w.shape[0], max_val.shape[1], -1).clamp_(-max_val, max_val)  # as apply_clip, in place
         return w
 
-    by_gptq = [n for n in names if qcfg.gptq and n not in records.fallback]
-    by_rtn = set(names) - set(by_gptq)
+    by_rtn = {n for n in names if not qcfg.gptq or n in records.fallback}
     for group in gptq_sets(names, lambda n: n if n in by_rtn else hessians.key(n)):
         if group[0] in by_rtn:
             w = folded_clipped(group[0])
@@ -373,10 +372,8 @@ def rounded(block: nn.Module, names: list[str], records: BlockRecords, qcfg: Qua
         else:  # each folded weight written into its rows: no second copy of the set
             w = torch.empty(sum(heights), block.get_submodule(group[0]).in_features, dtype=torch.float32,
                             device=compute_device(block))
-            start = 0
-            for name, height in zip(group, heights):
-                w[start:start + height] = folded_clipped(name)
-                start += height
+            for name, rows in zip(group, w.split(heights)):
+                rows.copy_(folded_clipped(name))
         try:
             codes, scales, zeros = gptq_quantize(w, hessians(group[0]), qcfg.w_bit, qcfg.group_size, qcfg.zero_point,
                                                  storage, qcfg.gptq_damp, act_order=qcfg.gptq_act_order,
@@ -386,10 +383,7 @@ def rounded(block: nn.Module, names: list[str], records: BlockRecords, qcfg: Qua
                                f"{'its' if len(group) == 1 else 'their'} inputs is {exc}; calibrate with more samples "
                                "(--n-samples) or raise --gptq-damp") from None
         del w
-        start = 0
-        for name, height in zip(group, heights):
-            yield name, codes[start:start + height], scales[start:start + height], zeros[start:start + height]
-            start += height
+        yield from zip(group, codes.split(heights), scales.split(heights), zeros.split(heights))
 
 
 @torch.no_grad()

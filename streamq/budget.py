@@ -145,8 +145,8 @@ class BlockShape:
                 parents.setdefault(n.rpartition(".")[0], []).append(linears[n])
             gptq_sets += list(parents.values())
         return cls(
-            gram_device_bytes=max([gram.work_bytes(*m.weight.shape, FLOAT32, True) for m in own] or [0]),
-            gram_streamed_bytes=max([gram.work_bytes(*m.weight.shape, FLOAT32, False) for m in own] or [0]),
+            gram_device_bytes=max([gram.work_bytes(*m.weight.shape, True) for m in own] or [0]),
+            gram_streamed_bytes=max([gram.work_bytes(*m.weight.shape, False) for m in own] or [0]),
             gram_bytes=max([gram.gram_bytes(m.in_features) for m in own] or [0]),
             weight_elems=sum(p.numel() for p in block.parameters()),
             largest_linear=max(m.weight.numel() for m in linears.values()),
@@ -186,8 +186,8 @@ def host_bytes(shape: BlockShape, plan: Plan, n_samples: int, seqlen: int, elem_
     experts in pinned memory. Not
     counted: pinned buffers' rounding to powers of two, which the measured runs put at 27-39 %
     of streamed activations on a GPU."""
-    activations = 0 if plan.activations_on_device else n_samples * resident_bytes(shape, seqlen, elem_bytes)
-    activations += 0 if plan.activations_on_device else shape.gram_bytes  # G beside them, streamed
+    streamed = n_samples * resident_bytes(shape, seqlen, elem_bytes) + shape.gram_bytes  # G beside them
+    activations = 0 if plan.activations_on_device else streamed
     parked = shape.parkable_elems * elem_bytes if plan.experts_parked else 0
     base = PROCESS_BYTES + (CUDA_PROCESS_BYTES if cuda else 0)
     return base + shape.weight_elems * source_elem_bytes + activations + parked

@@ -62,13 +62,7 @@ def block_plan(hf_config: Any, family: Family, qcfg: QuantConfig, calib: CalibCo
         return shape, plans(None, budget)[0]
     # one place for every kind's activations: on the device where all fit there, else streamed
     minimum = min(max(p.minimum_bytes for p in plans(place, None)) for place in (True, False))
-    each = plans(False, None) if budget is None else None
-    for place in (True, False) if budget is not None else ():
-        try:
-            each = plans(place, budget)
-            break
-        except SettingsError:
-            continue
+    each = plans(False, None) if budget is None else _first_fitting(plans, budget)
     if each is None:
         raise SettingsError(f"--max-gpu-mem {format_bytes(budget)} is too small: a block of each kind needs at least "
                             f"{format_bytes(minimum, up=True)} (its weights, the search's copies of its largest "
@@ -76,6 +70,17 @@ def block_plan(hf_config: Any, family: Family, qcfg: QuantConfig, calib: CalibCo
                             "kept in one place)")
     return shape, Plan(min(p.chunk_samples for p in each), each[0].activations_on_device,
                        max(p.estimated_peak_bytes for p in each), minimum, micro, any(p.experts_parked for p in each))
+
+
+def _first_fitting(plans, budget: int) -> list[Plan] | None:
+    """Every kind's plan with its activations on the device, else all streamed; None where
+    neither fits."""
+    for place in (True, False):
+        try:
+            return plans(place, budget)
+        except SettingsError:
+            pass
+    return None
 
 
 def block_bytes(hf_config: Any, family: Family, qcfg: QuantConfig, fmt: Format) -> int:

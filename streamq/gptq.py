@@ -14,6 +14,7 @@ dtype like every other scale streamq writes. Everything is float32."""
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -104,7 +105,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int,
         zeros = torch.empty(out_features, n_group, dtype=torch.float32, device=w.device)
         order = range(in_features)
     hinv = inverse_factor(h, damp)
-    bounds = torch.tensor([0, *(parts or [out_features])]).cumsum(0).tolist()
+    bounds = [0, *accumulate(parts or [out_features])]
     rows = list(zip(bounds[:-1], bounds[1:]))
     scale = zero = None
     for i1 in range(0, in_features, block):

@@ -40,14 +40,14 @@ def row_spans(rows: int, width: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
-def work_bytes(rows: int, width: int, elem_bytes: int, g_whole: bool) -> int:
+def work_bytes(rows: int, width: int, g_whole: bool) -> int:
     """The device memory one candidate's loss takes beside the weight: its float32 error, one
-    row span's quantization (w * s, the quantizer's float32 codes, the result), one product
-    [span, block], and G whole or two of its blocks (one in use, one arriving from the host)."""
+    row span's quantization (w * s, the quantizer's float32 codes, the result: 4-byte compute, a
+    bound), one product [span, block], and G whole or two of its blocks (one in use, one arriving
+    from the host)."""
     span = row_spans(rows, width)[0][1]
     g = gram_bytes(width) if g_whole else 2 * block_bytes(width)
-    return (rows * width * FLOAT32 + span * width * (2 * elem_bytes + FLOAT32)
-            + span * min(width, GRAM_BLOCK) * FLOAT32 + g)
+    return rows * width * FLOAT32 + span * width * 3 * FLOAT32 + span * min(width, GRAM_BLOCK) * FLOAT32 + g
 
 
 def cheaper(tokens: int, rows: int, width: int, candidates: int) -> bool:

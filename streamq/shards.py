@@ -75,6 +75,8 @@ class ShardReader:
                 raise InputError(f"{self.model_dir}: tensor {name} is float8 without a scale beside it; streamq reads "
                                  "FP8 weights with weight_scale_inv blocks, named by quantization_config "
                                  "(quant_method fp8, weight_block_size)")
+        # what an encoded weight is rounded to: the dtype of the checkpoint's other tensors
+        self._decoded_dtype = (self.float_dtype() or torch.float32) if self._scales else None
         self._handles: dict[Path, object] = {}
         self._identity = {shard: self._identify(shard) for shard in self.infos}
         for alias, target in (tied or {}).items():
@@ -141,7 +143,7 @@ class ShardReader:
         stored = self._handle(self.files[name]).get(self._stored[name])
         if name in self._scales:  # an encoded weight: decoded in float32, rounded once to the model's dtype
             path, scales = self._scales[name]
-            return self.encoding.decode(stored, self._handle(path).get(scales)).to(self.float_dtype() or torch.float32)
+            return self.encoding.decode(stored, self._handle(path).get(scales)).to(self._decoded_dtype)
         return stored
 
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
