@@ -15,6 +15,7 @@ from torch import nn
 from .config import QuantConfig
 from .errors import InputError, NumericError
 from .families import Family
+from .families.base import tensor_dtype
 from .formats import Format, dense_state
 from .timing import UNTIMED, Phases
 from .formats.awq import AWQ
@@ -302,7 +303,7 @@ def quantized_copy(block: nn.Module, tensors: dict[str, torch.Tensor], qcfg: Qua
     device, dtype = compute_device(block), next(block.parameters()).dtype
     state = dense_state(fmt, tensors, qcfg.w_bit, device)
     twin = copy.deepcopy(block)  # parked experts: their copies stay parked in host memory
-    twin.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, strict=True)
+    twin.load_state_dict({k: v.to(device, tensor_dtype(block, k, dtype)) for k, v in state.items()}, strict=True)
     return twin
 
 
@@ -407,7 +408,7 @@ def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig, f
             out[f"{name}.{key}"] = t.cpu()
         del codes
     for key, t in folded_tensors(block, records).items():
-        out[key] = t.to(storage).cpu()
+        out[key] = t.to(tensor_dtype(block, key, storage)).cpu()
     return dict(sorted(out.items()))
 
 
@@ -416,9 +417,9 @@ def output_bytes(block: nn.Module, qcfg: QuantConfig, fmt: Format) -> int:
     alone (a block on the meta device will do): each linear packed by the format, every other
     tensor in the storage dtype."""
     storage = qcfg.storage_torch_dtype
-    elem = torch.finfo(storage).bits // 8
     packed = set() if qcfg.mode == "keep1" else {f"{n}.weight" for n in linear_names(block)}
-    total = sum(t.numel() * elem for name, t in block.state_dict().items() if name not in packed)
+    total = sum(t.numel() * (torch.finfo(tensor_dtype(block, name, storage)).bits // 8)
+                for name, t in block.state_dict().items() if name not in packed)
     for name in sorted(packed):
         out, inp = block.get_submodule(name[: -len(".weight")]).weight.shape
         groups = inp // qcfg.group_size

@@ -67,9 +67,13 @@ def write_non_block_tensors(reader: ShardReader, family: Family, writer: ShardWr
             writer.add(name, storable(name, reader.get(name), dtype))
 
 
-def output_config(model_dir: Path, fmt: Format, qcfg: QuantConfig, ignore: list[str]) -> dict:
+def output_config(model_dir: Path, fmt: Format, qcfg: QuantConfig, family: Family, hf_config: Any) -> dict:
+    """The source's config.json with the format's quantization_config, the storage dtype and
+    the family's changes (DeepSeek-V3: no multi-token-prediction layer written)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     config.pop("_attn_implementation", None)
+    config.update(family.output_config(hf_config))
+    ignore = family.extra_linears(hf_config)
     for key in ("torch_dtype", "dtype"):  # transformers 4 reads the first, 5 the second
         config[key] = qcfg.storage_dtype
     if qcfg.mode == "keep1":
@@ -102,8 +106,7 @@ def write_metadata(
 ) -> None:
     # a full disk here is one line, and the run stays resumable (the journal is not complete yet)
     with disk_full_guard(out_dir / "config.json.tmp", out_dir):
-        write_json_atomic(out_dir / "config.json", output_config(model_dir, fmt, qcfg,
-                                                                 family.extra_linears(hf_config)))
+        write_json_atomic(out_dir / "config.json", output_config(model_dir, fmt, qcfg, family, hf_config))
     with disk_full_guard(out_dir, out_dir, remove=False):
         copied = copy_extras(model_dir, out_dir)
     keep1 = qcfg.mode == "keep1"

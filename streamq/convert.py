@@ -123,7 +123,7 @@ def convert(in_dir: str | Path, out_dir: str | Path, format: str, shard_bytes: i
         n_tensors += sum(not name.startswith(family.layers_prefix + ".") for name in reader.names())
         reader.release()
         writer.finish()
-        write_json_atomic(out_dir / "config.json", output_config(in_dir, dst, qcfg, family.extra_linears(hf_config)))
+        write_json_atomic(out_dir / "config.json", output_config(in_dir, dst, qcfg, family, hf_config))
         copied = copy_extras(in_dir, out_dir)
         record = dict(info or {"family": family.name})
         record.update(format=dst.name, storage=dst.storage, quant=qcfg.to_json(),

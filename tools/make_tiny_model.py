@@ -56,7 +56,17 @@ OTHER_FAMILIES = {
     "qwen3_moe": ({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": None, "decoder_sparse_step": 1,
                    "mlp_only_layers": [], "norm_topk_prob": True, "use_sliding_window": False},
                   ("input_layernorm", "post_attention_layernorm")),
+    # DeepSeek-V3: MLA (ranks 128, heads of 32 + 16 rotary key dims and 32 value dims), 8 experts
+    # in 2 groups (top-2 from the best group) and one shared expert, the first half of the layers
+    # dense; bf16 with the router's correction bias in float32 (random), as DeepSeek-V3 publishes it
+    "deepseek_v3": ({"n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+                     "moe_intermediate_size": None, "n_shared_experts": 1, "q_lora_rank": 128, "kv_lora_rank": 128,
+                     "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "head_dim": 16,
+                     "num_nextn_predict_layers": 1},
+                    ("input_layernorm", "post_attention_layernorm", "self_attn.q_a_layernorm",
+                     "self_attn.kv_a_layernorm")),
 }
+BF16 = {"deepseek_v3"}  # families written in bf16 (the rest in fp16)
 
 
 def make_tiny(
@@ -107,6 +117,8 @@ def make_tiny(
                         num_key_value_heads=kv_heads or heads, head_dim=hidden // heads, vocab_size=vocab,
                         max_position_embeddings=1024, tie_word_embeddings=family.startswith("gemma"), bos_token_id=0,
                         eos_token_id=1, pad_token_id=1)
+        if family == "deepseek_v3":
+            settings["first_k_dense_replace"] = layers // 2
         config = AutoConfig.for_model(family, **{**settings, **extra, **(config_extra or {})})
         model = AutoModelForCausalLM.from_config(config)
         blocks = model.model.layers
@@ -117,9 +129,14 @@ def make_tiny(
             for norm in norms:
                 weight = block.get_submodule(norm).weight
                 weight.normal_(1.0, 0.1)
-                channels = torch.randperm(hidden)[:outlier_channels]
+                channels = torch.randperm(weight.numel())[:outlier_channels]
                 weight[channels] *= outlier_gain
-    model = model.half()
+    routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    for router in routers:
+        router.e_score_correction_bias.normal_(0.0, 0.05)
+    model = model.to(torch.bfloat16 if family in BF16 else torch.float16)
+    for router in routers:
+        router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     if tokenizer:

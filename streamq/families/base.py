@@ -73,6 +73,9 @@ class Family:
     # layer i's kind, as the first layer of that kind (config, i) -> index: models whose blocks
     # differ (dense and sparse MLPs) are planned per kind; one kind by default
     layer_kind: Callable[[Any, int], int] = field(default=lambda config, index: 0)
+    # config.json settings the output changes (config -> {key: value}): DeepSeek-V3's
+    # multi-token-prediction layer is not written, so num_nextn_predict_layers is 0
+    output_config: Callable[[Any], dict] = field(default=lambda config: {})
 
     def n_layers(self, config: Any) -> int:
         return int(config.num_hidden_layers)
@@ -171,6 +174,13 @@ def eager_only(config: Any) -> bool:
     return getattr(config, "attn_logit_softcapping", None) is not None
 
 
+def tensor_dtype(block: nn.Module, key: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a block's tensor is held and written in: float32 for a module that keeps it
+    (`keep_float32`: DeepSeek-V3's router, as transformers keeps it), else `dtype`."""
+    module = block.get_submodule(key.rpartition(".")[0])
+    return torch.float32 if getattr(module, "keep_float32", False) else dtype
+
+
 def build_block(
     config: Any,
     index: int,
@@ -196,7 +206,7 @@ def build_block(
 
     def place(key: str) -> torch.Tensor:
         if not any(key.startswith(f"{n}.") for n in parked):
-            return state[key].to(device=device, dtype=dtype)
+            return state[key].to(device=device, dtype=tensor_dtype(block, key, dtype))
         t = state[key]
         return placement.host_buffer(tuple(t.shape), dtype, pinned=device.type == "cuda").copy_(t)
 

@@ -18,7 +18,7 @@ model routes, up to the rounding of W * s.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +31,17 @@ from .base import BLOCK_BUILDERS, LAYER_ADAPTERS, Family, ScaleGroup, modeling_c
 from .llama import LLAMA, gqa
 
 
-@dataclasses.dataclass(frozen=True)
-class MoeLayout:
-    """Where a family keeps its sparse MLP and what its parts are called on disk."""
+def qwen_sparse(config: Any, index: int) -> bool:
+    """Whether layer `index` holds the sparse MLP, as transformers decides it: Qwen's
+    mlp_only_layers and decoder_sparse_step make some layers dense (Mixtral has neither)."""
+    only = list(getattr(config, "mlp_only_layers", None) or [])
+    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+    return index not in only and (index + 1) % step == 0
 
-    attr: str  # the decoder layer's attribute on disk: block_sparse_moe (Mixtral) or mlp
-    names: tuple[str, str, str]  # an expert's gate, up and down projections
-    n_experts: str  # the config field counting experts
-    moe_ffn: str  # the config field of an expert's width
-    renormalise: str | None  # config field saying whether top-k weights are renormalised; None: always
-    scores_in_compute_dtype: bool  # the weights cast to the logits' dtype before use (Qwen) or kept in float32
-    shared: bool = False  # a shared expert beside the routed ones, gated by sigmoid(shared_expert_gate(x))
+
+def first_k_dense(config: Any, index: int) -> bool:
+    """DeepSeek-V3: the first `first_k_dense_replace` layers are dense, the rest sparse."""
+    return index >= int(config.first_k_dense_replace or 0)
 
 
 class Router(nn.Module):
@@ -54,6 +54,83 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+
+class BiasedRouter(Router):
+    """DeepSeek-V3's router: logits in float32 from a float32 weight, and a per-expert bias
+    (e_score_correction_bias) that steers the choice of experts but not their weights. Both
+    stay float32 in the block and in the output (`keep_float32`), as transformers keeps them
+    (_keep_in_fp32_modules_strict)."""
+
+    keep_float32 = True
+
+    def __init__(self, rows: int, hidden: int):
+        super().__init__(rows, hidden)
+        self.register_buffer("e_score_correction_bias", torch.empty(rows))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+def softmax_top_k(config: Any, layout: "MoeLayout"):
+    """Mixtral, Qwen-MoE: softmax over the experts in float32, the top k, (renormalised)
+    weights, in float32 or the logits' dtype."""
+    top_k = int(config.num_experts_per_tok)
+    renormalise = True if layout.renormalise is None else bool(getattr(config, layout.renormalise))
+
+    def select(logits: torch.Tensor, router: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)
+        weights, chosen = torch.topk(probs, top_k, dim=-1)
+        if renormalise:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        if layout.scores_in_compute_dtype:
+            weights = weights.to(logits.dtype)
+        return weights, chosen
+    return select
+
+
+def grouped_sigmoid_top_k(config: Any, layout: "MoeLayout"):
+    """DeepSeek-V3: sigmoid scores; the choice adds the correction bias, keeps the topk_group
+    groups of experts whose two best biased scores sum highest and takes the top k in them; the
+    weights are the unbiased scores, renormalised (norm_topk_prob) and times
+    routed_scaling_factor, in float32, as transformers' DeepseekV3TopkRouter computes them."""
+    top_k, groups, kept = int(config.num_experts_per_tok), int(config.n_group), int(config.topk_group)
+    renormalise, factor = bool(config.norm_topk_prob), float(config.routed_scaling_factor)
+
+    def select(logits: torch.Tensor, router: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = logits.sigmoid()
+        choice = scores + router.e_score_correction_bias
+        n = choice.shape[-1]
+        group_scores = choice.view(-1, groups, n // groups).topk(2, dim=-1)[0].sum(dim=-1)
+        best = torch.topk(group_scores, k=kept, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores).scatter_(1, best, 1)
+        mask = mask.unsqueeze(-1).expand(-1, groups, n // groups).reshape(-1, n)
+        chosen = torch.topk(choice.masked_fill(~mask.bool(), float("-inf")), k=top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, chosen)
+        if renormalise:
+            weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+        return weights * factor, chosen
+    return select
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeLayout:
+    """Where a family keeps its sparse MLP, what its parts are called on disk, how it routes."""
+
+    attr: str  # the decoder layer's attribute on disk: block_sparse_moe (Mixtral) or mlp
+    names: tuple[str, str, str]  # an expert's gate, up and down projections
+    n_experts: str  # the config field counting experts
+    moe_ffn: str  # the config field of an expert's width
+    renormalise: str | None  # config field saying whether top-k weights are renormalised; None: always
+    scores_in_compute_dtype: bool  # the weights cast to the logits' dtype before use (Qwen) or kept in float32
+    # a shared expert beside the routed ones: its attribute (Qwen2-MoE: shared_expert, DeepSeek:
+    # shared_experts), its width from the config, its sigmoid gate's attribute (None: ungated)
+    shared: str | None = None
+    shared_width: Callable[[Any], int] = lambda config: int(config.shared_expert_intermediate_size)
+    shared_gate: str | None = None
+    router: type = Router
+    routing: Callable[[Any, "MoeLayout"], Callable] = softmax_top_k  # (config, layout) -> select(logits, router)
+    sparse: Callable[[Any, int], bool] = qwen_sparse  # (config, layer) -> whether the layer's MLP is sparse
 
 
 class Expert(nn.Module):
@@ -85,28 +162,23 @@ class SparseMoe(nn.Module):
         super().__init__()
         hidden, n = config.hidden_size, int(getattr(config, layout.n_experts))
         self.top_k = int(config.num_experts_per_tok)
-        self.renormalise = True if layout.renormalise is None else bool(getattr(config, layout.renormalise))
-        self.scores_in_compute_dtype = layout.scores_in_compute_dtype
-        self.gate = Router(n, hidden)
+        self.select = layout.routing(config, layout)
+        self.gate = layout.router(n, hidden)
         width = int(getattr(config, layout.moe_ffn))
         self.experts = nn.ModuleList(Expert(layout.names, hidden, width, config.hidden_act, self.top_k / n)
                                      for _ in range(n))
+        self.shared, self.shared_gate = layout.shared, layout.shared_gate
         if layout.shared:
-            self.shared_expert = Expert(("gate_proj", "up_proj", "down_proj"), hidden,
-                                        config.shared_expert_intermediate_size, config.hidden_act, None)
-            self.shared_expert_gate = Router(1, hidden)
+            self.add_module(layout.shared, Expert(("gate_proj", "up_proj", "down_proj"), hidden,
+                                                  layout.shared_width(config), config.hidden_act, None))
+        if layout.shared_gate:
+            self.add_module(layout.shared_gate, Router(1, hidden))
 
     def _route(self, hidden_states: torch.Tensor):
         """The tokens [n, h], and per hit expert (in expert order) the tokens it gets (ascending)
         with the weight each gets from it."""
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        logits = self.gate(x)
-        probs = F.softmax(logits, dim=-1, dtype=torch.float)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
-        if self.renormalise:
-            weights /= weights.sum(dim=-1, keepdim=True)
-        if self.scores_in_compute_dtype:
-            weights = weights.to(logits.dtype)
+        weights, chosen = self.select(self.gate(x), self.gate)
         hit = F.one_hot(chosen, num_classes=len(self.experts)).permute(2, 1, 0)  # [expert, k, token]
         routes = {}
         for e in torch.greater(hit.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist():
@@ -126,8 +198,11 @@ class SparseMoe(nn.Module):
         out.index_add_(0, tokens, y.to(out.dtype))
 
     def _finish(self, out: torch.Tensor, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        if hasattr(self, "shared_expert"):
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared:
+            y = getattr(self, self.shared)(x)
+            if self.shared_gate:
+                y = torch.sigmoid(getattr(self, self.shared_gate)(x)) * y
+            out = out + y
         return out.reshape(shape)
 
     def parked(self) -> bool:
@@ -194,17 +269,11 @@ def _batched(cls: type) -> type:
     return _BATCHED[cls]
 
 
-def sparse(config: Any, index: int) -> bool:
-    """Whether layer `index` holds the sparse MLP, as transformers decides it: Qwen's
-    mlp_only_layers and decoder_sparse_step make some layers dense (Mixtral has neither)."""
-    only = list(getattr(config, "mlp_only_layers", None) or [])
-    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
-    return index not in only and (index + 1) % step == 0
-
-
-def layer_kind(config: Any, index: int) -> int:
-    """The first layer with layer `index`'s MLP (dense or sparse)."""
-    return next(i for i in range(index + 1) if sparse(config, i) == sparse(config, index))
+def _layer_kind(layout: MoeLayout):
+    def kind(config: Any, index: int) -> int:
+        """The first layer with layer `index`'s MLP (dense or sparse)."""
+        return next(i for i in range(index + 1) if layout.sparse(config, i) == layout.sparse(config, index))
+    return kind
 
 
 def moe_builder(layout: MoeLayout):
@@ -212,7 +281,7 @@ def moe_builder(layout: MoeLayout):
         """The transformers decoder layer with its sparse MLP replaced by SparseMoe (a dense
         layer as transformers builds it)."""
         layer = modeling_class(config, "DecoderLayer")(config, layer_idx=index)
-        if not sparse(config, index):
+        if not layout.sparse(config, index):
             return layer
         _install(layer, layout, SparseMoe(config, layout))
         layer.__class__ = _batched(type(layer))  # the same layer, able to run batches expert by expert
@@ -235,7 +304,7 @@ def moe_adapter(layout: MoeLayout):
     def adapt(layer: nn.Module, config: Any) -> None:
         """A transformers decoder layer (fused experts) made into the one moe_builder builds:
         every expert linear's weight is a view of the fused parameters (gate_up_proj[e] rows
-        [0, F) and [F, 2F), down_proj[e]), the routers share the model's tensors."""
+        [0, F) and [F, 2F), down_proj[e]), the routers and shared expert share the model's tensors."""
         fused = layer.mlp
         if not hasattr(fused, "experts"):  # a dense layer: as transformers holds it
             return
@@ -248,36 +317,45 @@ def moe_adapter(layout: MoeLayout):
             for name, w in ((gate, param[e, :width]), (up, param[e, width:]), (down, fused.experts.down_proj[e])):
                 getattr(expert, name).weight = nn.Parameter(w, requires_grad=False)
         moe.gate.weight = fused.gate.weight
+        if hasattr(moe.gate, "e_score_correction_bias"):
+            moe.gate.e_score_correction_bias = fused.gate.e_score_correction_bias
         if layout.shared:
-            moe.shared_expert = fused.shared_expert
-            moe.shared_expert_gate.weight = fused.shared_expert_gate.weight
+            setattr(moe, layout.shared, getattr(fused, layout.shared))
+        if layout.shared_gate:
+            getattr(moe, layout.shared_gate).weight = getattr(fused, layout.shared_gate).weight
         _install(layer, layout, moe)
     return adapt
 
 
-def _moe_groups(layout: MoeLayout):
+def llama_attention(config: Any) -> list[ScaleGroup]:
+    """LLaMA-style attention's groups: the input norm -> q/k/v, and v -> o without GQA."""
+    out = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                      "self_attn", inspect_takes_block_kwargs=True)]
+    if not gqa(config):
+        out.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
+    return out
+
+
+def _moe_groups(layout: MoeLayout, attention: Callable[[Any], list[ScaleGroup]]):
     gate, up, down = layout.names
     p = layout.attr
 
     def groups(config: Any) -> list[ScaleGroup]:
         n = int(getattr(config, layout.n_experts))
-        out = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                          "self_attn", inspect_takes_block_kwargs=True)]
-        if not gqa(config):
-            out.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
+        out = attention(config)
         # the norm feeds every expert's gate and up (and the shared expert's): one s for all of
-        # them, judged on the sparse MLP's output over all tokens; the router absorbs it exactly
+        # them, judged on the sparse MLP's output over all tokens; the routers absorb it exactly
         first = tuple(f"{p}.experts.{e}.{name}" for e in range(n) for name in (gate, up))
-        shared = (f"{p}.shared_expert.gate_proj", f"{p}.shared_expert.up_proj") if layout.shared else ()
-        absorbers = (f"{p}.gate",) + ((f"{p}.shared_expert_gate",) if layout.shared else ())
+        shared = (f"{p}.{layout.shared}.gate_proj", f"{p}.{layout.shared}.up_proj") if layout.shared else ()
+        absorbers = (f"{p}.gate",) + ((f"{p}.{layout.shared_gate}",) if layout.shared_gate else ())
         out.append(ScaleGroup("post_attention_layernorm", first + shared, p, input_of=p, absorbers=absorbers))
         # each expert's up -> down, on the tokens routed to it
         out += [ScaleGroup(f"{p}.experts.{e}.{up}", (f"{p}.experts.{e}.{down}",), f"{p}.experts.{e}.{down}")
                 for e in range(n)]
         if layout.shared:
-            out.append(ScaleGroup(f"{p}.shared_expert.up_proj", (f"{p}.shared_expert.down_proj",),
-                                  f"{p}.shared_expert.down_proj"))
-        if not all(sparse(config, i) for i in range(config.num_hidden_layers)):  # dense layers' MLPs
+            out.append(ScaleGroup(f"{p}.{layout.shared}.up_proj", (f"{p}.{layout.shared}.down_proj",),
+                                  f"{p}.{layout.shared}.down_proj"))
+        if not all(layout.sparse(config, i) for i in range(config.num_hidden_layers)):  # dense layers' MLPs
             out += [ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
                     ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj")]
         return out
@@ -286,24 +364,28 @@ def _moe_groups(layout: MoeLayout):
 
 def _ignored(layout: MoeLayout):
     def ignored(config: Any) -> list[str]:
-        # the routers stay in the checkpoint's dtype; full module names, which both formats'
-        # loaders match (compressed-tensors by name, AutoAWQ/vLLM by substring)
-        names = ["gate"] + (["shared_expert_gate"] if layout.shared else [])
+        # the routers stay unquantized; full module names, which both formats' loaders match
+        # (compressed-tensors by name, AutoAWQ/vLLM by substring)
+        names = ["gate"] + ([layout.shared_gate] if layout.shared_gate else [])
         return ["lm_head"] + [f"{LLAMA.layers_prefix}.{i}.{layout.attr}.{n}" for i in range(config.num_hidden_layers)
-                              if sparse(config, i) for n in names]
+                              if layout.sparse(config, i) for n in names]
     return ignored
 
 
-def _family(name: str, layout: MoeLayout) -> Family:
+def moe_family(name: str, layout: MoeLayout, attention: Callable[[Any], list[ScaleGroup]] = llama_attention,
+               **fields: Any) -> Family:
+    """A LLaMA-like family whose MLPs are (some or all) sparse, with its block builder and the
+    adapter of transformers' whole-model layers registered; `fields` replace LLaMA's others."""
     BLOCK_BUILDERS[name] = moe_builder(layout)
     LAYER_ADAPTERS[name] = moe_adapter(layout)
-    return dataclasses.replace(LLAMA, name=name, model_types=(name,), scale_groups=_moe_groups(layout),
-                               extra_linears=_ignored(layout), layer_kind=layer_kind)
+    return dataclasses.replace(LLAMA, name=name, model_types=(name,), scale_groups=_moe_groups(layout, attention),
+                               extra_linears=_ignored(layout), layer_kind=_layer_kind(layout), **fields)
 
 
-MIXTRAL = _family("mixtral", MoeLayout("block_sparse_moe", ("w1", "w3", "w2"), "num_local_experts",
-                                       "intermediate_size", None, False))
-QWEN2_MOE = _family("qwen2_moe", MoeLayout("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
-                                           "moe_intermediate_size", "norm_topk_prob", True, shared=True))
-QWEN3_MOE = _family("qwen3_moe", MoeLayout("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
-                                           "moe_intermediate_size", "norm_topk_prob", True))
+MIXTRAL = moe_family("mixtral", MoeLayout("block_sparse_moe", ("w1", "w3", "w2"), "num_local_experts",
+                                          "intermediate_size", None, False))
+QWEN2_MOE = moe_family("qwen2_moe", MoeLayout("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
+                                              "moe_intermediate_size", "norm_topk_prob", True,
+                                              shared="shared_expert", shared_gate="shared_expert_gate"))
+QWEN3_MOE = moe_family("qwen3_moe", MoeLayout("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
+                                              "moe_intermediate_size", "norm_topk_prob", True))
