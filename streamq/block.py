@@ -22,7 +22,8 @@ from .formats.awq import AWQ
 from .gram import cheaper
 from .gptq import NotPositiveDefinite, gptq_quantize, hessian, scaled_hessian
 from .kernels import TORCH, Ops
-from .placement import Assembler, TokenCollector, compute_device, loaded, parked_root, upload
+from .placement import (Assembler, TokenCollector, compute_device, host_buffer, loaded, original, parked_root,
+                        upload)
 from .quant import check_group_size, quant_params, quantize
 from .search import (
     Chunks,
@@ -165,7 +166,7 @@ def folded_weight(block: nn.Module, name: str, records: BlockRecords) -> torch.T
     group's previous op, in the order apply_scale replays the records. Never rounded to the
     compute dtype: in fp16 the scaled weights' rounding before quantization cost 0.4 % ppl on
     SmolLM2 (docs/benchmarks.md)."""
-    w = block.get_submodule(name).weight.data.to(compute_device(block), torch.float32, copy=True)
+    w = original(block.get_submodule(name)).to(compute_device(block), torch.float32, copy=True)
     for record in records.scales:
         if record.prev_op == name:
             fold_into_prev(w, "linear", record)
@@ -302,7 +303,12 @@ def quantized_copy(block: nn.Module, tensors: dict[str, torch.Tensor], qcfg: Qua
     loader does, every other tensor as stored; in the block's dtype, on its device."""
     device, dtype = compute_device(block), next(block.parameters()).dtype
     state = dense_state(fmt, tensors, qcfg.w_bit, device)
-    twin = copy.deepcopy(block)  # parked experts: their copies stay parked in host memory
+    twin = copy.deepcopy(block)
+    for m in twin.modules():  # parked experts stay parked, their written weights in host memory
+        if m.__dict__.pop("sources", None):
+            for name, p in list(m.named_parameters(recurse=False)):
+                m._parameters[name] = nn.Parameter(host_buffer(tuple(p.shape), p.dtype, pinned=device.type == "cuda"),
+                                                   requires_grad=False)
     twin.load_state_dict({k: v.to(device, tensor_dtype(block, k, dtype)) for k, v in state.items()}, strict=True)
     return twin
 
@@ -400,7 +406,7 @@ def output_tensors(block: nn.Module, records: BlockRecords, qcfg: QuantConfig, f
     names = linear_names(block)
     if qcfg.mode == "keep1":
         for name in names:
-            w = block.get_submodule(name).weight.data.to(compute_device(block))
+            w = original(block.get_submodule(name)).to(compute_device(block))
             out[f"{name}.weight"] = keep_salient_quantize(w, records.salient[name], qcfg).to(storage).cpu()
         names = []
     for name, codes, scales, zeros in rounded(block, names, records, qcfg, hessians, where):
@@ -434,6 +440,9 @@ def check_finite(block: nn.Module, prefix: str) -> None:
     """Refuse a source block holding NaN or inf before it is searched (the search would find no
     finite loss and the earlier blocks' work would look lost): named, in one line."""
     for key, t in block.state_dict().items():
+        if t.is_meta:  # a parked expert's: read from its source
+            module, _, param = key.rpartition(".")
+            t = original(block.get_submodule(module), param)
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise InputError(f"the source's {prefix}{key} holds {bad} non-finite values (NaN or inf) of {t.numel()}; "

@@ -181,16 +181,28 @@ CUDA_PROCESS_BYTES = 1280 * 2**20
 def host_bytes(shape: BlockShape, plan: Plan, n_samples: int, seqlen: int, elem_bytes: int,
                source_elem_bytes: int, cuda: bool = False) -> int:
     """The host memory a run is expected to reach (an estimate, set beside the measured peak
-    RSS in streamq.json): the process itself, one block's weights read from the shards, every
-    sample's activations where they live on the host (with a Gram-matrix search's G), and parked
-    experts in pinned memory. Not
-    counted: pinned buffers' rounding to powers of two, which the measured runs put at 27-39 %
-    of streamed activations on a GPU."""
+    RSS in streamq.json): the process itself, one block's weights read from the shards (with
+    its experts parked: all but the experts, and one expert being read), every sample's
+    activations where they live on the host (with a Gram-matrix search's G). Parked experts are
+    read from the shards each time they are used, never held. Not counted: pinned buffers'
+    rounding to powers of two, which the measured runs put at 27-39 % of streamed activations
+    on a GPU."""
     streamed = n_samples * resident_bytes(shape, seqlen, elem_bytes) + shape.gram_bytes  # G beside them
     activations = 0 if plan.activations_on_device else streamed
-    parked = shape.parkable_elems * elem_bytes if plan.experts_parked else 0
+    read = shape.weight_elems - (shape.parkable_elems - shape.largest_parkable if plan.experts_parked else 0)
     base = PROCESS_BYTES + (CUDA_PROCESS_BYTES if cuda else 0)
-    return base + shape.weight_elems * source_elem_bytes + activations + parked
+    return base + read * source_elem_bytes + activations
+
+
+def parked_reads(plan: Plan, n_samples: int, n_grid: int) -> int:
+    """How many times a block's parked experts are read from the shards and cross to the
+    device: once per chunk to capture the inputs, once per chunk for the norm group's references
+    and once per chunk and candidate in its search, and about three more times (the expert's own
+    group, clip and packing, the finiteness check); 0 when nothing is parked."""
+    if not plan.experts_parked:
+        return 0
+    chunks = -(-n_samples // plan.chunk_samples)
+    return (n_grid + 2) * chunks + 3
 
 
 def plan_block(shape: BlockShape, n_samples: int, seqlen: int, elem_bytes: int,

@@ -90,8 +90,8 @@ class TokenCollector:
 
 
 # Parked modules: a block's routed experts, when the plan finds that the whole block does not fit
-# the device budget, keep their weights in host memory (pinned for a GPU) and come to the device
-# one at a time, for as long as they compute (`loaded`). A parked linear's weight is the original
+# the device budget, hold no storage (their `sources` read them from the shards) and come to the
+# device one at a time, for as long as they compute (`loaded`). A parked linear's weight is the original
 # and never changes; while a scale search tries a candidate s, the linear's `candidate` turns the
 # uploaded original into the weights the candidate computes with, on the device, the same
 # function of the same bytes as for a linear that stays on the device.
@@ -128,11 +128,22 @@ def compute_device(module: nn.Module) -> torch.device:
     raise ValueError(f"{type(module).__name__} has no parameter to tell its device")
 
 
+def original(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """A parameter's original values on the device `module` computes on: a parked module's read
+    from its source (or copied from host memory), else the parameter's own tensor."""
+    t = getattr(module, name).data
+    sources = module.__dict__.get("sources", {})
+    if t.is_meta and name in sources:
+        return sources[name](compute_device(module))
+    return t.to(compute_device(module)) if is_parked(module) else t
+
+
 @contextmanager
 def loaded(module: nn.Module | None):
-    """While inside: a parked module's parameters are copies on its compute device (a linear's
-    weight through its `candidate`, if one is set); afterwards the host originals again, and
-    the copies are freed. A module that is not parked (or None) is left as it is."""
+    """While inside: a parked module's parameters are copies on its compute device, read from
+    their sources (or copied from host memory), a linear's weight through its `candidate` if
+    one is set; afterwards the parameters are what they were (storage-less, or in host memory)
+    and the copies are freed. A module that is not parked (or None) is left as it is."""
     if module is None or not is_parked(module):
         yield module
         return
@@ -140,13 +151,18 @@ def loaded(module: nn.Module | None):
     homes = []
     try:
         for m in module.modules():
-            for p in m.parameters(recurse=False):
-                homes.append((p, p.data))
-                p.data = p.data.to(device, non_blocking=True, copy=True)
+            sources = m.__dict__.get("sources", {})
+            for name, p in list(m.named_parameters(recurse=False)):
+                homes.append((m, name, p, p.data))
+                if name in sources:  # a storage-less parameter: a device one stands in for it
+                    m._parameters[name] = nn.Parameter(sources[name](device), requires_grad=False)
+                else:
+                    p.data = p.data.to(device, non_blocking=True, copy=True)
             candidate = getattr(m, "candidate", None)
             if candidate is not None:
                 m.weight.data = candidate(m.weight.data)
         yield module
     finally:
-        for p, home in homes:
+        for m, name, p, home in homes:
+            m._parameters[name] = p
             p.data = home

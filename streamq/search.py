@@ -11,14 +11,14 @@ sizes change scheduling, never the result.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .config import QuantConfig
 from .gram import gram, gram_sse, row_spans
-from .placement import Assembler, compute_device, upload
+from .placement import Assembler, compute_device, original, upload
 from .quant import dequantize, pseudo_quantize, quant_params, quantize
 
 Chunks = Sequence[torch.Tensor]
@@ -95,7 +95,7 @@ def act_scale(chunks: Chunks, device: torch.device | None = None) -> torch.Tenso
     return (torch.cat(per_sample).double().sum(dim=0) / token_count(chunks)).to(torch.float32)
 
 
-def weight_scale(weights: list[torch.Tensor], group_size: int, device: torch.device) -> torch.Tensor:
+def weight_scale(weights: Iterable[torch.Tensor], group_size: int, device: torch.device) -> torch.Tensor:
     """mean over the output channels of all the weights of |w| / max|w| of its group (the
     duo-scaling statistic): each weight reduced on `device` in float32, one at a time (a parked
     expert's comes from the host alone), the sums added in float64."""
@@ -229,7 +229,7 @@ def search_scale(
     come to the device."""
     device = compute_device(inspect)
     originals = [None if lin.weight.device != device else lin.weight.data.clone() for lin in linears]
-    w_mean = weight_scale([lin.weight.data for lin in linears], qcfg.group_size, device) if qcfg.duo_scaling else None
+    w_mean = weight_scale((original(lin) for lin in linears), qcfg.group_size, device) if qcfg.duo_scaling else None
     grid = scale_candidates(x_mean, w_mean, qcfg.n_grid, qcfg.alpha_one, qcfg.identity)
     on_host = any(x.device != device for x in x_chunks)
     losses_of = _sse_streamed if on_host and len(x_chunks) <= qcfg.n_grid else _sse_resident

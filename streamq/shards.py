@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -87,19 +87,22 @@ class ShardReader:
     def _identify(self, path: Path) -> tuple[int, str]:
         return path.stat().st_size, hashlib.sha256(self.kind.fingerprint(path)).hexdigest()
 
+    def _open(self, path: Path):
+        """The file opened anew, its size and header checked against what they were when the
+        reader was made (a file replaced or cut short while a run is going is refused, not read)."""
+        try:
+            same = self._identify(path) == self._identity[path]
+        except (OSError, InputError):
+            same = False
+        if not same:
+            raise InputError(f"{path} changed while it was being read (its size or header differ from when the "
+                             "run started); put the original back")
+        return self.kind.open(path)
+
     def _handle(self, path: Path):
-        """An open file; each time a file is opened again, its size and header are checked
-        against what they were when the reader was made (a file replaced or cut short while a run
-        is going is refused, not read)."""
+        """An open file, kept open until release()."""
         if path not in self._handles:
-            try:
-                same = self._identify(path) == self._identity[path]
-            except (OSError, InputError):
-                same = False
-            if not same:
-                raise InputError(f"{path} changed while it was being read (its size or header differ from when the "
-                                 "run started); put the original back")
-            self._handles[path] = self.kind.open(path)
+            self._handles[path] = self._open(path)
         return self._handles[path]
 
     def release(self) -> None:
@@ -146,9 +149,23 @@ class ShardReader:
             return self.encoding.decode(stored, self._handle(path).get(scales)).to(self._decoded_dtype)
         return stored
 
-    def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Tensors whose names start with prefix, keyed by the rest of the name."""
-        return {n[len(prefix):]: self.get(n) for n in self.names() if n.startswith(prefix)}
+    def load(self, name: str, device: torch.device) -> torch.Tensor:
+        """One tensor on `device`, read through handles opened for this read alone, so its pages
+        are not left mapped in this process (a parked expert is read once per use, never held);
+        an encoded weight goes to the device encoded and is decoded there (the same float32
+        products, rounded alike, on any device)."""
+        if name not in self.files:
+            raise InputError(f"tensor {name} is missing from {self.model_dir}")
+        stored = self._open(self.files[name]).get(self._stored[name]).to(device)
+        if name not in self._scales:
+            return stored
+        path, scales = self._scales[name]
+        return self.encoding.decode(stored, self._open(path).get(scales).to(device)).to(self._decoded_dtype)
+
+    def with_prefix(self, prefix: str) -> "BlockTensors":
+        """Tensors whose names start with prefix, keyed by the rest of the name, each read when
+        it is looked up."""
+        return BlockTensors(self, prefix)
 
     def stored_dtypes(self) -> set[str]:
         """The dtypes the read tensors are stored in (safetensors' names: F16, BF16, ...)."""
@@ -186,3 +203,27 @@ def canonical_name(name: str, renames: Iterable[tuple[str, str]]) -> str:
         if name.startswith(published):
             return canonical + name[len(published):]
     return name
+
+
+class BlockTensors(Mapping):
+    """One block's tensors under names relative to its prefix, read from the reader when looked
+    up (`load`: straight to a device, not kept mapped), so a block built from it reads only what
+    it holds (a parked expert's weights are read at each use, not at the block's building)."""
+
+    def __init__(self, reader: ShardReader, prefix: str):
+        self.reader, self.prefix = reader, prefix
+        self._names = [n[len(prefix):] for n in reader.names() if n.startswith(prefix)]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._names:
+            raise KeyError(key)
+        return self.reader.get(self.prefix + key)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def load(self, key: str, device: torch.device) -> torch.Tensor:
+        return self.reader.load(self.prefix + key, device)

@@ -243,3 +243,26 @@ def test_fp8_source_gives_the_bytes_of_its_weights_and_resumes_after_sigkill(dee
     assert perplexity(fp8, text, seqlen=64, device="cpu").ppl == perplexity(plain, text, seqlen=64, device="cpu").ppl
     killed_run_resumes_byte_identical(["--model", str(fp8), "--n-samples", "6", "--seqlen", "64", "--device", "cpu",
                                        "--shard-size", "100KB"], tmp_path / "killed", kill_at="block2:search")
+
+
+def test_parked_experts_hold_no_memory_and_are_read_at_each_use(deepseek, monkeypatch):
+    """A parked expert has no storage in the block: each time it comes to the device its
+    tensors are read from the shards (an FP8 weight uploaded encoded and decoded there), the
+    values the block holds when nothing is parked; afterwards it is storage-less again."""
+    from streamq.placement import loaded
+
+    config, cpu = load_config(deepseek["fp8"]), torch.device("cpu")
+    reader, _, _ = open_checkpoint(deepseek["fp8"])
+    block = build_block(config, 2, reader.with_prefix("model.layers.2."), cpu, torch.float32, park=True)
+    whole = build_block(config, 2, reader.with_prefix("model.layers.2."), cpu, torch.float32)
+    assert all(p.is_meta for e in block.mlp.experts for p in e.parameters())
+    assert not any(p.is_meta for p in block.mlp.shared_experts.parameters())  # the shared expert stays
+    reads = []
+    real = ShardReader.load
+    monkeypatch.setattr(ShardReader, "load", lambda self, name, device: (reads.append(name), real(self, name, device))[1])
+    for _ in range(2):
+        with loaded(block.mlp.experts[3]) as expert:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                assert torch.equal(getattr(expert, name).weight, getattr(whole.mlp.experts[3], name).weight)
+    assert reads == [f"model.layers.2.mlp.experts.3.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")] * 2
+    assert block.mlp.experts[3].up_proj.weight.is_meta

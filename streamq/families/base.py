@@ -191,8 +191,10 @@ def build_block(
 ) -> nn.Module:
     """One decoder block, built on the meta device and filled from `state` (names relative
     to the block), so no memory is spent on the randomly initialised weights. With `park`, the
-    modules that may be parked (a mixture's routed experts: `parkable`) are filled in host memory
-    (pinned for a GPU) and come to the device only while they compute (placement.loaded).
+    modules that may be parked (a mixture's routed experts: `parkable`) hold no storage: their
+    tensors are read from `state` (its `load`: from the shards, decoded on the device for FP8)
+    each time they come to the device to compute (placement.loaded), so host memory never holds
+    a block's experts.
 
     Blocks run with SDPA attention (eager where the family needs it: Gemma 2's soft-capped
     attention logits), with the mask of causal_mask: calibration samples are unpadded."""
@@ -203,12 +205,18 @@ def build_block(
     if missing:
         raise KeyError(f"block {index} lacks tensors {sorted(missing)}")
     parked = [n for n, m in block.named_modules() if park and getattr(m, "parkable", False)]
+    shapes = {k: t.shape for k, t in block.state_dict().items()}
 
     def place(key: str) -> torch.Tensor:
+        kept = tensor_dtype(block, key, dtype)
         if not any(key.startswith(f"{n}.") for n in parked):
-            return state[key].to(device=device, dtype=tensor_dtype(block, key, dtype))
-        t = state[key]
-        return placement.host_buffer(tuple(t.shape), dtype, pinned=device.type == "cuda").copy_(t)
+            return state[key].to(device=device, dtype=kept)
+        # parked: no storage here; read from the source each time it comes to the device
+        module, _, param = key.rpartition(".")
+        source = (lambda to, k=key: state.load(k, to).to(kept)) if hasattr(state, "load") else \
+            (lambda to, k=key: state[k].to(device=to, dtype=kept))
+        block.get_submodule(module).__dict__.setdefault("sources", {})[param] = source
+        return torch.empty(shapes[key], dtype=kept, device="meta")
 
     block.load_state_dict({k: place(k) for k in expected}, assign=True, strict=True)
     for name in parked:
