@@ -1,5 +1,5 @@
 """DeepSeek-V3 (MLA, dense then sparse layers, grouped sigmoid routing with a correction bias, a
-shared expert) on a tiny random model from transformers' own config class: 2 dense + 2 sparse
+shared expert), and GLM-4.5 (the same MLPs under grouped-query attention), on a tiny random model from transformers' own config class: 2 dense + 2 sparse
 layers, 8 experts in 2 groups, top-2, q_lora_rank and kv_lora_rank set. It is written as
 DeepSeek-V3 is published: bf16 with the router's correction bias in float32, a
 multi-token-prediction layer after the last block (model.layers.4.*, in its own shard), and
@@ -22,7 +22,9 @@ from streamq.config import CalibConfig, QuantConfig
 from streamq.families import build_block, detect
 from streamq.forecast import forecast
 from streamq.models import load_config, open_checkpoint
+from streamq.block import block_groups
 from streamq.ppl import perplexity
+from streamq.search import ScaleRecord, apply_scale, run_module
 from streamq.shards import ShardReader
 from test_fp8 import FP8_CONFIG, decoded, encode
 from test_ppl import SEQLEN, eval_text, reference_ppl, text_ids  # noqa: F401 (eval_text is a fixture)
@@ -209,10 +211,11 @@ def test_streamed_equals_reference_at_every_budget(deepseek, tmp_path):
     assert config["quantization_config"]["modules_to_not_convert"] == ["lm_head", "model.layers.2.mlp.gate",
                                                                          "model.layers.3.mlp.gate"]
     info = json.loads((out / "streamq.json").read_text())
-    assert info["scale_groups"][:3] == ["input_layernorm -> self_attn.q_a_proj, self_attn.kv_a_proj_with_mqa",
+    assert info["scale_groups"][:4] == ["input_layernorm -> self_attn.q_a_proj, self_attn.kv_a_proj_with_mqa",
                                         "self_attn.q_a_layernorm -> self_attn.q_b_proj",
-                                        "self_attn.kv_a_layernorm -> self_attn.kv_b_proj"]
-    assert "interleaved with the key rows" in info["skipped_scale_groups"][0]
+                                        "self_attn.kv_a_layernorm -> self_attn.kv_b_proj",
+                                        "self_attn.kv_b_proj[32:64 of every 64] -> self_attn.o_proj"]
+    assert info["skipped_scale_groups"] == []
 
 
 def test_the_router_absorbs_the_norm_scale_in_float32(deepseek, tmp_path):
@@ -266,3 +269,49 @@ def test_parked_experts_hold_no_memory_and_are_read_at_each_use(deepseek, monkey
                 assert torch.equal(getattr(expert, name).weight, getattr(whole.mlp.experts[3], name).weight)
     assert reads == [f"model.layers.2.mlp.experts.3.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")] * 2
     assert block.mlp.experts[3].up_proj.weight.is_meta
+
+
+def test_glm4_moe_streams_what_transformers_computes_and_equals_the_reference(eval_text, tmp_path):  # noqa: F811
+    """GLM-4.5's layout (DeepSeek-V3's MLPs and router, q/k/v with biases and q/k norms, 2 key/value
+    heads for 4): streamed ppl is transformers', the engine's output the reference's at no budget
+    and at the smallest (experts parked), the routers float32 and unquantized."""
+    path = make_tiny(tmp_path / "glm", "glm4_moe", hidden=128, ffn=128, layers=LAYERS, kv_heads=2, seed=13)
+    config = load_config(path)
+    assert detect(config).name == "glm4_moe" and detect(config).layer_kind(config, 3) == 2
+    assert perplexity(path, eval_text, seqlen=SEQLEN, device="cpu").ppl == \
+        pytest.approx(reference_ppl(path, text_ids(path, eval_text), SEQLEN), rel=1e-5)
+    reference.quantize(path, tmp_path / "ref", QuantConfig(), CALIB, chunk_samples=4, device="cpu")
+    minimum = engine.plan(path, QuantConfig(), CALIB, device="cpu").minimum_bytes
+    for budget in (None, minimum):
+        out = tmp_path / f"s{budget}"
+        summary = engine.quantize(path, out, QuantConfig(), CALIB, device="cpu", max_gpu_mem=budget)
+        assert checkpoint_bytes(out) == checkpoint_bytes(tmp_path / "ref")
+        assert summary.plan.experts_parked == (budget is not None)
+    written = {k: v for f in sorted(out.glob("model-*.safetensors")) for k, v in load_file(f).items()}
+    assert written["model.layers.3.mlp.gate.weight"].dtype == torch.float32
+    assert "model.layers.3.self_attn.q_proj.bias" in written and "model.layers.3.mlp.experts.5.up_proj.qweight" in written
+    info = json.loads((out / "streamq.json").read_text())
+    assert "grouped-query attention" in info["skipped_scale_groups"][0]
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_every_scale_group_folds_exactly(deepseek, layer):
+    """Random scales folded into each group's previous op (kv_b_proj's value rows of every head
+    for o_proj; the norms; the router absorbing the post-attention norm's) and the linears leave
+    a dense and a sparse block computing what they computed, up to float32 rounding."""
+    config, cpu = load_config(deepseek["bf16"]), torch.device("cpu")
+    family = detect(config)
+    state = ShardReader(deepseek["bf16"]).with_prefix(f"model.layers.{layer}.")
+    block, ref = (build_block(config, layer, state, cpu, torch.float32) for _ in range(2))
+    g = torch.Generator().manual_seed(3)
+    groups = block_groups(block, family, config)
+    assert "self_attn.kv_b_proj" in [group.prev_op for group in groups]
+    for group in groups:
+        width = block.get_submodule(group.linears[0]).in_features
+        apply_scale(block, ScaleRecord(group.prev_op, group.linears, torch.rand(width, generator=g) * 3 + 0.2,
+                                       prev_rows=group.prev_rows, absorbers=group.absorbers))
+    x = torch.randn(2, 16, config.hidden_size, generator=g)
+    kwargs = family.block_kwargs(config, 16, cpu, torch.float32)
+    assert not torch.equal(block.self_attn.kv_b_proj.weight, ref.self_attn.kv_b_proj.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(run_module(block, x, kwargs), run_module(ref, x, kwargs), rtol=1e-4, atol=1e-5)

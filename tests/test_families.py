@@ -52,7 +52,7 @@ def test_block_built_from_shards_matches_the_model(family_model):
 def test_block_with_missing_tensor_is_refused(tiny_models):
     reader = ShardReader(tiny_models["opt"])
     config = AutoConfig.from_pretrained(tiny_models["opt"])
-    state = reader.with_prefix("model.decoder.layers.0.")
+    state = dict(reader.with_prefix("model.decoder.layers.0."))
     del state["fc2.weight"]
     with pytest.raises(KeyError, match="fc2.weight"):
         build_block(config, 0, state, torch.device("cpu"), torch.float32)

@@ -312,7 +312,7 @@ def test_convert_errors_are_one_line(tiny_models, runs, tmp_path):
     assert not (tmp_path / "ok" / ".streamq").exists()  # the lock goes with the converting process
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe"])
 def test_a_symmetric_moe_output_loads_in_transformers_and_an_asymmetric_one_does_not_yet(tmp_path, family):
     """transformers 5.24 fuses a MoE's experts at load and its compressed-tensors path hands the
     library no zero points (upstream PR #47430, open): --symmetric MoE output loads, packed or

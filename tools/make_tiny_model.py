@@ -65,8 +65,13 @@ OTHER_FAMILIES = {
                      "num_nextn_predict_layers": 1},
                     ("input_layernorm", "post_attention_layernorm", "self_attn.q_a_layernorm",
                      "self_attn.kv_a_layernorm")),
+    # GLM-4.5: DeepSeek-V3's MLPs and router under grouped-query attention with q/k biases
+    "glm4_moe": ({"n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+                  "moe_intermediate_size": None, "n_shared_experts": 1, "attention_bias": True, "use_qk_norm": True,
+                  "num_nextn_predict_layers": 1},
+                 ("input_layernorm", "post_attention_layernorm")),
 }
-BF16 = {"deepseek_v3"}  # families written in bf16 (the rest in fp16)
+BF16 = {"deepseek_v3", "glm4_moe"}  # families written in bf16 (the rest in fp16)
 
 
 def make_tiny(
@@ -117,7 +122,7 @@ def make_tiny(
                         num_key_value_heads=kv_heads or heads, head_dim=hidden // heads, vocab_size=vocab,
                         max_position_embeddings=1024, tie_word_embeddings=family.startswith("gemma"), bos_token_id=0,
                         eos_token_id=1, pad_token_id=1)
-        if family == "deepseek_v3":
+        if family in ("deepseek_v3", "glm4_moe"):
             settings["first_k_dense_replace"] = layers // 2
         config = AutoConfig.for_model(family, **{**settings, **extra, **(config_extra or {})})
         model = AutoModelForCausalLM.from_config(config)

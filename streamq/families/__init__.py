@@ -6,7 +6,7 @@ from typing import Any
 
 from ..errors import UnsupportedModelError
 from .base import Family, ScaleGroup, build_block
-from .deepseek import DEEPSEEK_V3
+from .deepseek import DEEPSEEK_V3, GLM4_MOE
 from .gemma import GEMMA2, GEMMA3
 from .llama import LLAMA, MISTRAL, QWEN2, QWEN3
 from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
@@ -14,7 +14,7 @@ from .opt import OPT
 from .phi3 import PHI3
 
 FAMILIES: tuple[Family, ...] = (OPT, LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE,
-                               DEEPSEEK_V3)
+                               DEEPSEEK_V3, GLM4_MOE)
 
 __all__ = ["Family", "ScaleGroup", "FAMILIES", "detect", "build_block"]
 

@@ -148,7 +148,7 @@ class Expert(nn.Module):
                 lin.routed_fraction = routed_fraction
             self.add_module(name, lin)
         self.act_fn = ACT2FN[act]
-        self.parkable = routed_fraction is not None  # a routed expert may wait in host memory
+        self.parkable = routed_fraction is not None  # a routed expert may be parked (read from the shards at each use)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
