@@ -106,7 +106,10 @@ class BlockShape:
     def of(cls, block: nn.Module, captured: Iterable[str], groups: Iterable, group_size: int,
            clip_tokens: int, gram_loss: bool = True) -> "BlockShape":
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        hidden = min(m.in_features for m in linears.values())
+        # the block's input width: the most common input width of its linears (q/k/v, gate/up, the
+        # experts' read it; the smallest would be MLA's latent rank, 512 in DeepSeek-V3 against 7168)
+        widths = [m.in_features for m in linears.values()]
+        hidden = max(set(widths), key=widths.count)
         groups = list(groups)
         parkable = [(n, sum(p.numel() for p in m.parameters())) for n, m in block.named_modules()
                     if getattr(m, "parkable", False)]

@@ -409,7 +409,7 @@ def print_summary(summary, output: Path) -> None:
         f" in {summary.seconds:.1f} s -> {output}",
         f"  chunks of {plan.chunk_samples} samples, activations on the "
         f"{'device' if plan.activations_on_device else 'host'}"
-        f"{', experts waiting in host memory, one at a time on the device' if plan.experts_parked else ''}"
+        f"{', experts read from the shards at each use, one at a time on the device' if plan.experts_parked else ''}"
         f" (planned peak {format_bytes(plan.estimated_peak_bytes)})",
         f"  peak GPU memory {gpu_line},"
         f" peak RSS {format_bytes(max(b['peak_rss_bytes'] for b in summary.blocks))}",

@@ -130,8 +130,8 @@ class Forecast:
         lines = [
             f"{self.source['asked']}: {self.family}, {self.blocks} blocks ({size}); {self.device}, computing in "
             f"{self.compute_dtype}, {budget}",
-            f"  every block: {work}"
-            f"{'; routed experts parked in host memory, one at a time on the device' if p['experts_parked'] else ''}",
+            f"  every block: {work}" + ("; routed experts parked (read from the shards at each use, one at a time "
+                                        "on the device)" if p["experts_parked"] else ""),
             f"  device peak (estimated): {format_bytes(p['estimated_peak_bytes'], up=True)}; smallest budget that "
             f"fits: {smallest}",
             f"  host memory (estimated): {format_bytes(self.host_bytes, up=True)}",

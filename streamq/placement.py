@@ -1,6 +1,7 @@
 """Where calibration activations live between uses: on the compute device, or in pinned host
 memory that streams to it chunk by chunk; the copies between the two. And parked modules: a
-mixture's experts waiting in host memory, on the device only while they compute."""
+mixture's experts, read from the shards (or held in host memory), on the device only while they
+compute."""
 
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ class TokenCollector:
 # function of the same bytes as for a linear that stays on the device.
 
 def park(module: nn.Module, device: torch.device) -> None:
-    """Mark `module` (whose parameters are already in host memory) as computing on `device`."""
+    """Mark `module` (its parameters storage-less with `sources`, or in host memory) as computing
+    on `device`."""
     for m in module.modules():
         m.compute_device = device
 

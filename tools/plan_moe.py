@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     qcfg = QuantConfig(gptq=args.gptq)
     budgets = [parse_size(b) for b in args.budgets]
-    print(f"{args.n_samples} x {args.seqlen} tokens, fp16, forward passes of the GPU's fixed size, "
+    print(f"{args.n_samples} x {args.seqlen} tokens, 16-bit, forward passes of the GPU's fixed size, "
           f"{'awq+gptq' if args.gptq else 'awq'}\n")
     print("| model | sparse block (16-bit) | experts | samples a pass | smallest budget, whole block | "
           "smallest, the model (experts parked) | " + " | ".join(f"plan at {b}" for b in args.budgets) + " |")
