@@ -35,7 +35,7 @@ def test_cpu_mode_passes_every_stage_it_can_run(cpu_run):
     stages = summary["stages"]
     assert list(stages) == ["env", "build", "gpu-tests", "kernels-run", "ppl", "formats", "wide-opt-30b",
                             "bench-kernels", "wide-llama-3-70b", "wide-llama-2-7b", "wide-llama-2-7b-gptq", "wide-mixtral-8x7b",
-                            "trace-llama-2-7b"]
+                            "trace-llama-2-7b", "wide-deepseek-v3"]
     for name in ("build", "gpu-tests", "kernels-run", "bench-kernels"):
         assert stages[name] == {"status": "skipped", "reason": "needs a CUDA device"}
     assert all(stages[name]["status"] == "ok" for name in stages if name not in
@@ -66,7 +66,8 @@ def test_ppl_stage_compares_float16_with_float32(cpu_run):
         assert figures["rel_diff"] <= ppl["tolerance_rel"] and figures["segments"] > 1
 
 
-@pytest.mark.parametrize("name", ["opt-30b", "llama-2-7b", "llama-3-70b", "llama-2-7b-gptq", "mixtral-8x7b"])
+@pytest.mark.parametrize("name", ["opt-30b", "llama-2-7b", "llama-3-70b", "llama-2-7b-gptq", "mixtral-8x7b",
+                                  "deepseek-v3"])
 def test_wide_stages_run_both_budgets_byte_identical(cpu_run, name):
     stage = cpu_run[1]["stages"][f"wide-{name}"]
     assert stage["identical"] is True and stage["layers"] == 2
@@ -75,7 +76,8 @@ def test_wide_stages_run_both_budgets_byte_identical(cpu_run, name):
     # the smallest budget: one chunk of one forward pass (a sample; a mixture's fixed passes
     # even on a CPU, here all 4 samples, so kept on the device), streamed from host memory
     assert tight["chunk_samples"] == (tight["forward_samples"] or 1)
-    assert tight["activations_on_device"] == (name == "mixtral-8x7b")
+    moe = name in ("mixtral-8x7b", "deepseek-v3")
+    assert tight["activations_on_device"] == moe
     for run in (roomy, tight):
         assert len(run["block_seconds"]) == 2 and run["planned_peak_bytes"] <= run["budget_bytes"]
         assert {"capture", "read and upload weights"} <= set(run["phases"])  # gptq alone has no clip phase
@@ -83,7 +85,9 @@ def test_wide_stages_run_both_budgets_byte_identical(cpu_run, name):
         assert run["compute_dtype"] == "float32" and run["kernels"] == "torch"
         assert run["peak_allocated_bytes"] is None and run["peak_rss_bytes"] > 0  # a CPU run
     # a mixture's smallest budget parks its experts in host memory; the roomy one keeps them
-    assert (roomy["experts_parked"], tight["experts_parked"]) == (False, name == "mixtral-8x7b")
+    assert (roomy["experts_parked"], tight["experts_parked"]) == (False, moe)
+    if name == "deepseek-v3":  # an FP8 source, as DeepSeek-V3 is published
+        assert stage["shape"]["fp8"] is True
     if name == "llama-3-70b":
         assert stage["shape"]["kv_heads"] == 2  # grouped-query attention, as LLaMA-3-70B's 8 of 64
     if name == "opt-30b":  # the headline command on the layout facebook/opt-30b is published in

@@ -2,7 +2,8 @@
 (its weight times s along its inputs, unquantized), so that routing is what the unscaled model
 routes; AutoAWQ's Mixtral recipe leaves the router out (it then reads x / s). This runs both on
 tiny random MoE models with planted salient channels (tools/make_tiny_model.py) and reports the
-perplexity of each output and how many of block 0's top-k choices equal the fp16 model's.
+perplexity of each output and how many of the first sparse block's expert choices equal the
+original model's (fp16; DeepSeek-V3 and GLM-4.5 in bf16, their routers float32).
 
     python tools/bench_moe_router.py --work /tmp/moe-router
 """
@@ -29,17 +30,28 @@ from streamq.ppl import perplexity  # noqa: E402
 from streamq.shards import ShardReader  # noqa: E402
 
 
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe")
+
+
 def without_absorbers(family):
     def groups(config):
         return [dataclasses.replace(g, absorbers=()) for g in family.scale_groups(config)]
     return dataclasses.replace(family, scale_groups=groups)
 
 
+def sparse_block(model: Path) -> int:
+    """The first block with a sparse MLP (DeepSeek-V3's first layers are dense)."""
+    config = load_config(model)
+    return detect(config).kinds(config)[-1]
+
+
 def routing(model: Path, raw: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-    """Block 0's top-k expert choices [tokens, k] (sorted) for these token ids."""
+    """The first sparse block's expert choices [tokens, k] (sorted) for these token ids, the
+    block fed their embeddings: the experts its routing rule selects (top-k of the softmax;
+    DeepSeek-V3's biased choice among the best groups)."""
     config = load_config(model)
     family = detect(config)
-    block = build_block(config, 0, raw, torch.device("cpu"), torch.float32)
+    block = build_block(config, sparse_block(model), raw, torch.device("cpu"), torch.float32)
     emb = ShardReader(model).get(family.embed_weight).float()
     x = emb[ids][None]
     moe = next(m for n, m in block.named_modules() if type(m).__name__ == "SparseMoe")
@@ -48,7 +60,7 @@ def routing(model: Path, raw: dict[str, torch.Tensor], ids: torch.Tensor) -> tor
     with torch.no_grad():
         block(x, **family.block_kwargs(config, x.shape[1], torch.device("cpu"), torch.float32))
     hook.remove()
-    return torch.topk(seen[0], moe.top_k, dim=-1).indices.sort(dim=-1).values
+    return moe.select(seen[0], moe.gate)[1].sort(dim=-1).values
 
 
 def main() -> None:
@@ -56,19 +68,23 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--families", nargs="*", default=list(FAMILIES))
     args = parser.parse_args()
     evals = {"docutils": assets.evaluation_text(), "pyref": assets.calibration_text()}
-    print("| family | router | ppl docutils | ppl pyref | block-0 top-k choices equal to fp16 |")
+    print("| family | router | ppl docutils | ppl pyref | top-k choices equal to the original's |")
     print("|---|---|---|---|---|")
-    for i, name in enumerate(("mixtral", "qwen2_moe", "qwen3_moe")):
+    for i, name in enumerate(FAMILIES):
+        if name not in args.families:
+            continue
         model = args.work / name
         if not (model / "config.json").is_file():
             make_tiny(model, name, hidden=256, ffn=256, layers=2, heads=4, seed=70 + i)
         tok = load_tokenizer(model)
         ids = load_tokens(CalibConfig(source=str(evals["docutils"])), tok)[:512]
-        base = routing(model, ShardReader(model).with_prefix("model.layers.0."), ids)
+        prefix = f"model.layers.{sparse_block(model)}."
+        base = routing(model, ShardReader(model).with_prefix(prefix), ids)
         fp16 = [perplexity(model, text, seqlen=128, device="cpu", max_segments=16).ppl for text in evals.values()]
-        print(f"| {name} | fp16 | {fp16[0]:.3f} | {fp16[1]:.3f} | |", flush=True)
+        print(f"| {name} | original | {fp16[0]:.3f} | {fp16[1]:.3f} | |", flush=True)
         family = detect(load_config(model))
         for label, fam in (("absorbs s (streamq)", family), ("left out (AutoAWQ)", without_absorbers(family))):
             out = args.work / f"{name}-{label.split()[0]}"
@@ -79,7 +95,7 @@ def main() -> None:
                                 device="cpu", overwrite=True)
             finally:
                 engine.detect = original
-            raw = dense_state(by_name("awq"), ShardReader(out).with_prefix("model.layers.0."), 4, torch.device("cpu"))
+            raw = dense_state(by_name("awq"), ShardReader(out).with_prefix(prefix), 4, torch.device("cpu"))
             same = (routing(model, raw, ids) == base).all(dim=-1).float().mean()
             ppl = [perplexity(out, text, seqlen=128, device="cpu", max_segments=16).ppl for text in evals.values()]
             print(f"| {name} | {label} | {ppl[0]:.3f} | {ppl[1]:.3f} | {same:.1%} |", flush=True)

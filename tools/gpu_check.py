@@ -57,6 +57,9 @@ STAGES = (
     Stage("wide-llama-2-7b-gptq", False, 150, 120),  # GPTQ's defaults: Hessians up to 11008^2 floats
     Stage("wide-mixtral-8x7b", False, 300, 120),  # 38GB: the whole block; the smallest budget: experts parked
     Stage("trace-llama-2-7b", False, 120, 60),  # one block under torch.profiler: where its time goes, op by op
+    # one DeepSeek-V3 sparse block from an FP8 source: 70GB (the whole block) and 40GB (experts
+    # parked, read from the shards at each use and decoded on the GPU)
+    Stage("wide-deepseek-v3", False, 480, 120),
     Stage("suite", False, 600, 0),  # the whole test suite (suspect: tests that assume a CPU); --suite only
 )
 
@@ -72,6 +75,9 @@ class Wide:
     # a Hub id: the model is written as that repository is published (.bin, decoder.*, no lm_head)
     # into a local Hub cache and quantized by that id, offline, as a user types it
     published: str | None = None
+    roomy: str | None = None  # the roomy budget where 38GB is not (None: the settings')
+    layers: int | None = None  # blocks written (None: the settings')
+    fp8: bool = False  # linears in FP8 with 128 x 128 block scales, as DeepSeek-V3 is published
 
 
 # real widths; --small replaces them with tiny ones of the same family and attention layout
@@ -80,12 +86,16 @@ WIDE = {
     "llama-2-7b": Wide("llama", 4096, 11008, 32, tight="3GB"),  # its activations stream from pinned host memory
     "llama-3-70b": Wide("llama", 8192, 28672, 64, 8),
     "mixtral-8x7b": Wide("mixtral", 4096, 14336, 32, 8, tight="min"),
+    # tight: 40GB parks the experts with 64-sample chunks on the GPU (47 reads of the experts, ~0.5 TB from FP8;
+    # the smallest budget streams 1-sample chunks: 2819 reads, tools/plan_moe.py)
+    "deepseek-v3": Wide("deepseek_v3", 7168, 2048, 128, tight="40GB", roomy="70GB", layers=1, fp8=True),
 }
 WIDE_SMALL = {
     "opt-30b": Wide("opt", 256, 1024, 4, published="facebook/opt-30b"),
     "llama-2-7b": Wide("llama", 256, 512, 4),
     "llama-3-70b": Wide("llama", 256, 768, 8, 2),
     "mixtral-8x7b": Wide("mixtral", 256, 512, 4, 2),
+    "deepseek-v3": Wide("deepseek_v3", 256, 128, 4, layers=2, fp8=True),
 }
 
 
@@ -358,20 +368,21 @@ def stage_wide(name: str, method: str = "awq"):
         model = work / f"model-{name}"
         t0 = time.time()
         if not (model / "config.json").is_file():
-            write(model, spec.family, cfg["layers"], spec.hidden, spec.ffn, spec.heads, cfg["vocab"], 0,
-                  spec.kv_heads, "cuda" if args.device == "cuda" else "cpu", published=spec.published is not None)
+            write(model, spec.family, spec.layers or cfg["layers"], spec.hidden, spec.ffn, spec.heads, cfg["vocab"], 0,
+                  spec.kv_heads, "cuda" if args.device == "cuda" else "cpu", published=spec.published is not None,
+                  fp8=spec.fp8)
         asked, env = model, None
         if spec.published:  # the headline command on the headline layout: by Hub id, from the cache, offline
             model = to_cache(model, spec.published, work / "hub", move=True)
             asked, env = spec.published, {"HF_HUB_CACHE": str(work / "hub"), "HF_HUB_OFFLINE": "1"}
         written = time.time() - t0
         ids = calibration_ids(work, cfg["n_samples"] * cfg["seqlen"] * 2, cfg["vocab"])
-        result: dict = {"shape": vars(spec), "model": str(asked), "method": method, "layers": cfg["layers"],
+        result: dict = {"shape": vars(spec), "model": str(asked), "method": method, "layers": spec.layers or cfg["layers"],
                         "calibration": f"{cfg['n_samples']} x "
                         f"{cfg['seqlen']}", "write_seconds": round(written, 1), "runs": {}}
         digests = {}
         for label in ("roomy", "tight"):
-            spec_budget = spec.tight if label == "tight" and not args.small else cfg[label]
+            spec_budget = cfg[label] if args.small else {"tight": spec.tight, "roomy": spec.roomy or cfg["roomy"]}[label]
             budget = budget_bytes(spec_budget, model, cfg["n_samples"], cfg["seqlen"], args.device)
             out = work / f"out-{name}-{method}-{label}"
             rc, secs, tail = streamq("run", "--model", asked, "--output", out, "--overwrite", "--calib", ids,

@@ -1,5 +1,7 @@
 """Write a random OPT model with OPT-30B's block shape (hidden 7168, ffn 28672, 56 heads), or a
-LLaMA or Mixtral (8 experts, top-2) model of a given shape, with N layers, one block per shard, generating one block at a time
+LLaMA or Mixtral (8 experts, top-2) model of a given shape, or DeepSeek-V3's sparse blocks (MLA,
+256 experts x 2048, top-8; bf16, or --fp8 as DeepSeek-V3 publishes it), with N layers, one block
+per shard (a DeepSeek-V3 block in shards of 32 experts), generating one block at a time
 so the writer never holds the model. A small vocabulary keeps the non-block tensors small: the
 blocks are what is measured.
 
@@ -8,6 +10,7 @@ blocks are what is measured.
     python tools/make_wide_model.py --family llama --hidden 4096 --ffn 11008 --heads 32 --layers 8 --out models/llama7b-shape-8
     python tools/make_wide_model.py --family llama --hidden 8192 --ffn 28672 --heads 64 --kv-heads 8 --layers 3 \
         --out models/llama3-70b-shape-3 --gen-device cuda   # LLaMA-3-70B's block; random numbers drawn on the GPU
+    python tools/make_wide_model.py --family deepseek_v3 --layers 1 --fp8 --out models/deepseek-v3-shape-1
 """
 
 from __future__ import annotations
@@ -53,16 +56,89 @@ def mixtral_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int, k
             "router_jitter_noise": 0.0, "sliding_window": None, "output_router_logits": False}
 
 
-def salient_norm(hidden: int, g: torch.Generator) -> torch.Tensor:
+# a DeepSeek-V3-layout block small enough for gpu_check --small (16 experts, top-4 from 2 of 4 groups)
+DEEPSEEK_SMALL = {"num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 256, "kv_lora_rank": 128,
+                  "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "n_routed_experts": 16,
+                  "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2}
+
+
+def deepseek_config(layers: int, hidden: int, ffn: int, vocab: int, fp8: bool, shapes: dict | None = None) -> dict:
+    """DeepSeek-V3's published shapes (transformers' DeepseekV3Config defaults, or `shapes`), every
+    layer sparse, its experts `ffn` wide."""
+    config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "num_hidden_layers": layers,
+              "hidden_size": hidden, "moe_intermediate_size": ffn, "first_k_dense_replace": 0, "vocab_size": vocab,
+              "dtype": "bfloat16", "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
+              "num_nextn_predict_layers": 0, **(shapes or {})}
+    if fp8:
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [128, 128]}
+    return config
+
+
+def salient_norm(hidden: int, g: torch.Generator, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     w = torch.ones(hidden)
     w[torch.randperm(hidden, generator=g, device=g.device)[:8].cpu()] = 20.0  # salient channels, as real models have
-    return w.half()
+    return w.to(dtype)
 
 
-def random_weight(shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
-    """N(0, 0.02) in fp16 on the host, drawn on the generator's device (a GPU draws a
+def random_weight(shape: tuple[int, int], g: torch.Generator, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """N(0, 0.02) in fp16 (or `dtype`) on the host, drawn on the generator's device (a GPU draws a
     70B-width block in milliseconds where a CPU takes seconds)."""
-    return (torch.randn(shape, generator=g, device=g.device) * 0.02).half().cpu()
+    return (torch.randn(shape, generator=g, device=g.device) * 0.02).to(dtype).cpu()
+
+
+def fp8_encode(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 values and one float32 scale per block x block tile (its max |w| / 448; the last
+    tiles partial), as DeepSeek-V3's FP8 weights are made."""
+    rows, cols = w.shape
+    nr, nc = -(-rows // block), -(-cols // block)
+    tiles = torch.nn.functional.pad(w.float(), (0, nc * block - cols, 0, nr * block - rows)).view(nr, block, nc, block)
+    scales = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    values = (tiles / scales[:, None, :, None]).view(nr * block, nc * block)[:rows, :cols]
+    return values.to(torch.float8_e4m3fn).contiguous(), scales
+
+
+def deepseek_block_shards(i: int, config: dict, g: torch.Generator, fp8: bool, per_shard: int = 32):
+    """One sparse DeepSeek-V3 block as its checkpoints hold it, in parts (attention, router,
+    shared expert and norms; then the experts, `per_shard` at a time), each drawn when asked
+    for: bf16, or FP8 linears with weight_scale_inv (router, norms and the float32 correction
+    bias as published)."""
+    from transformers import DeepseekV3Config
+
+    c = DeepseekV3Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type",
+                                                                         "quantization_config", "dtype")})
+    p, bf16, hidden, ffn = f"model.layers.{i}.", torch.bfloat16, c.hidden_size, c.moe_intermediate_size
+
+    def linears(items):
+        out = {}
+        for name, shape in items:
+            w = random_weight(shape, g, bf16)
+            if fp8:
+                out[p + name + ".weight"], out[p + name + ".weight_scale_inv"] = fp8_encode(w)
+            else:
+                out[p + name + ".weight"] = w
+        return out
+
+    heads, qk = c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
+    attention = [("self_attn.q_a_proj", (c.q_lora_rank, hidden)), ("self_attn.q_b_proj", (heads * qk, c.q_lora_rank)),
+                 ("self_attn.kv_a_proj_with_mqa", (c.kv_lora_rank + c.qk_rope_head_dim, hidden)),
+                 ("self_attn.kv_b_proj", (heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)),
+                 ("self_attn.o_proj", (hidden, heads * c.v_head_dim))]
+    expert = [("gate_proj", (ffn, hidden)), ("up_proj", (ffn, hidden)), ("down_proj", (hidden, ffn))]
+
+    def first():
+        t = linears(attention + [(f"mlp.shared_experts.{n}", shape) for n, shape in expert])
+        t[p + "mlp.gate.weight"] = random_weight((c.n_routed_experts, hidden), g, bf16)
+        t[p + "mlp.gate.e_score_correction_bias"] = torch.zeros(c.n_routed_experts)
+        for norm, width in (("input_layernorm", hidden), ("post_attention_layernorm", hidden),
+                            ("self_attn.q_a_layernorm", c.q_lora_rank), ("self_attn.kv_a_layernorm", c.kv_lora_rank)):
+            t[p + norm + ".weight"] = salient_norm(width, g, bf16)
+        return t
+
+    yield first()
+    for start in range(0, c.n_routed_experts, per_shard):
+        yield linears([(f"mlp.experts.{e}.{n}", shape) for e in range(start, min(start + per_shard, c.n_routed_experts))
+                       for n, shape in expert])
 
 
 def _llama_layout(i: int, hidden: int, g: torch.Generator, kv: int | None,
@@ -108,11 +184,37 @@ def opt_block_tensors(i: int, hidden: int, ffn: int, g: torch.Generator, kv: int
     return t
 
 
+def write_deepseek(out: Path, layers: int, hidden: int, ffn: int, vocab: int, seed: int, gen_device: str = "cpu",
+                   fp8: bool = False, shapes: dict | None = None) -> None:
+    """DeepSeek-V3-shaped sparse blocks (experts `ffn` wide), each in shards of 32 experts."""
+    config = deepseek_config(layers, hidden, ffn, vocab, fp8, shapes)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator(device=gen_device).manual_seed(seed)
+    weight_map: dict[str, str] = {}
+
+    def save(name: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in tensors})
+
+    save("model-embed.safetensors", {"model.embed_tokens.weight": random_weight((vocab, hidden), g, torch.bfloat16),
+                                     "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                                     "lm_head.weight": random_weight((vocab, hidden), g, torch.bfloat16)})
+    for i in range(layers):
+        for k, part in enumerate(deepseek_block_shards(i, config, g, fp8)):
+            save(f"model-block{i:03d}-{k}.safetensors", part)
+        print(f"wrote block {i}", flush=True)
+    finish(out, config, weight_map)
+
+
 def write(out: Path, family: str, layers: int, hidden: int, ffn: int, heads: int, vocab: int, seed: int,
-          kv_heads: int | None = None, gen_device: str = "cpu", published: bool = False) -> None:
+          kv_heads: int | None = None, gen_device: str = "cpu", published: bool = False, fp8: bool = False) -> None:
     """The model in `out`, one block per shard. `published` (OPT): as facebook/opt-30b is
     published, PyTorch zip pickles pytorch_model-0000K-of-0000N.bin with their index, names
-    decoder.* (saved from the base model), no lm_head (tools/make_published.py's layouts)."""
+    decoder.* (saved from the base model), no lm_head (tools/make_published.py's layouts).
+    DeepSeek-V3 (`fp8`: as published) takes its attention's shapes from its config: `heads` unused."""
+    if family == "deepseek_v3":  # at real widths, or DEEPSEEK_SMALL's below 7168
+        return write_deepseek(out, layers, hidden, ffn, vocab, seed, gen_device, fp8,
+                              None if hidden == 7168 else DEEPSEEK_SMALL)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=gen_device).manual_seed(seed)
     weight_map: dict[str, str] = {}
@@ -194,7 +296,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--family", choices=["opt", "llama", "mixtral"], default="opt")
+    parser.add_argument("--family", choices=["opt", "llama", "mixtral", "deepseek_v3"], default="opt")
     parser.add_argument("--from", dest="src", type=Path, help="take the first --layers blocks of this model")
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--ffn", type=int, default=28672)
@@ -205,12 +307,13 @@ def main() -> None:
     parser.add_argument("--gen-device", default="cpu", help="where the random numbers are drawn (cpu or cuda)")
     parser.add_argument("--published", action="store_true", help="OPT: .bin shards, decoder.* names, as opt-30b is "
                         "published")
+    parser.add_argument("--fp8", action="store_true", help="DeepSeek-V3: FP8 linears with 128 x 128 block scales")
     args = parser.parse_args()
     if args.src:
         subset(args.src, args.out, args.layers)
     else:
         write(args.out, args.family, args.layers, args.hidden, args.ffn, args.heads, args.vocab, args.seed,
-              args.kv_heads, args.gen_device, args.published)
+              args.kv_heads, args.gen_device, args.published, args.fp8)
 
 
 if __name__ == "__main__":
