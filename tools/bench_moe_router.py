@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tiny_model import make_tiny  # noqa: E402
 
-from streamq import assets, engine  # noqa: E402
+from streamq import assets, engine, models  # noqa: E402
 from streamq.calib import load_tokens  # noqa: E402
 from streamq.config import CalibConfig, QuantConfig  # noqa: E402
 from streamq.families import build_block, detect  # noqa: E402
@@ -88,13 +88,13 @@ def main() -> None:
         family = detect(load_config(model))
         for label, fam in (("absorbs s (streamq)", family), ("left out (AutoAWQ)", without_absorbers(family))):
             out = args.work / f"{name}-{label.split()[0]}"
-            original = engine.detect
-            engine.detect = lambda config, fam=fam: fam
+            original = models.detect  # the family the engine opens the checkpoint with
+            models.detect = lambda config, fam=fam: fam
             try:
                 engine.quantize(model, out, QuantConfig(), CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen),
                                 device="cpu", overwrite=True)
             finally:
-                engine.detect = original
+                models.detect = original
             raw = dense_state(by_name("awq"), ShardReader(out).with_prefix(prefix), 4, torch.device("cpu"))
             same = (routing(model, raw, ids) == base).all(dim=-1).float().mean()
             ppl = [perplexity(out, text, seqlen=128, device="cpu", max_segments=16).ppl for text in evals.values()]
