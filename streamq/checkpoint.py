@@ -91,13 +91,6 @@ def copy_extras(model_dir: Path, out_dir: Path) -> list[str]:
     return names
 
 
-def rows_label(prev_rows: tuple[int, ...] | None) -> str:
-    """A previous op's rows feeding a group, as streamq.json names them: '', [a:b], [a:b of every p]."""
-    if not prev_rows:
-        return ""
-    return "[%d:%d]" % prev_rows if len(prev_rows) == 2 else "[%d:%d of every %d]" % prev_rows
-
-
 def write_metadata(
     out_dir: Path,
     model_dir: Path,
@@ -128,7 +121,7 @@ def write_metadata(
         "source": {**(source or {}), "path": str(model_dir.resolve()), "fingerprint": source_fingerprint,
                    "files_copied": copied},
         "storage": storage,
-        "scale_groups": [f"{g.prev_op}{rows_label(g.prev_rows)} -> {', '.join(g.linears)}"
+        "scale_groups": [f"{g.prev_op}{'[%d:%d]' % g.prev_rows if g.prev_rows else ''} -> {', '.join(g.linears)}"
                          for g in family.scale_groups(hf_config)],
         "skipped_scale_groups": family.skipped_groups(hf_config),
     }

@@ -32,9 +32,7 @@ class ScaleRecord:
     linears: tuple[str, ...]
     scales: torch.Tensor
     losses: list[float] = field(default_factory=list)  # one per grid point, for inspection
-    # a fused previous linear: only these output rows, (a, b), or rows [a, b) of every `period`
-    # rows, (a, b, period) (MLA's kv_b_proj: each head's value rows)
-    prev_rows: tuple[int, ...] | None = None
+    prev_rows: tuple[int, int] | None = None  # a fused previous linear: only these output rows
     norm_offset: float = 0.0  # a previous norm computing x * (norm_offset + w) (Gemma: 1)
     absorbers: tuple[str, ...] = ()  # unquantized modules reading prev_op (routers): weight * s
 
@@ -44,35 +42,13 @@ def fold_into_prev(t: torch.Tensor, kind: str, record: ScaleRecord) -> None:
     rows, or the rows record.prev_rows of a fused one), "bias", or "norm" (an affine norm's
     weight; with an offset, norm_offset + w becomes (norm_offset + w) / s)."""
     s = record.scales.to(device=t.device, dtype=t.dtype)
-    rows = prev_rows_view(t, record.prev_rows)
-    s = s.view(rows.shape[:-1] if kind == "linear" else rows.shape)
+    rows = t[record.prev_rows[0]:record.prev_rows[1]] if record.prev_rows else t
     if kind == "linear":
-        rows.div_(s[..., None])
+        rows.div_(s.view(-1, 1))
     elif kind == "norm" and record.norm_offset:
         rows.add_(record.norm_offset).div_(s).sub_(record.norm_offset)
     else:
         rows.div_(s)
-
-
-def prev_rows_view(t: torch.Tensor, prev_rows: tuple[int, ...] | None) -> torch.Tensor:
-    """The rows of a previous op's tensor (a weight [out, in] or a bias [out]) that feed a group,
-    as a view: all, rows [a, b), or rows [a, b) of every `period` rows ([out / period, b - a, ...])."""
-    if prev_rows is None:
-        return t
-    if len(prev_rows) == 2:
-        return t[prev_rows[0]:prev_rows[1]]
-    a, b, period = prev_rows
-    return t.view(t.shape[0] // period, period, *t.shape[1:])[:, a:b]
-
-
-def prev_rows_count(prev_rows: tuple[int, ...] | None, out: int) -> int:
-    """How many of a previous op's `out` rows feed the group (0 where the rows do not fit)."""
-    if prev_rows is None:
-        return out
-    if len(prev_rows) == 2:
-        return prev_rows[1] - prev_rows[0] if prev_rows[1] <= out else 0
-    a, b, period = prev_rows
-    return (b - a) * (out // period) if out % period == 0 and b <= period else 0
 
 
 def fold_into_inputs(t: torch.Tensor, record: ScaleRecord) -> None:
@@ -387,9 +363,10 @@ def check_foldable(block: nn.Module, record: ScaleRecord) -> None:
     prev = block.get_submodule(record.prev_op)
     if not isinstance(prev, nn.Linear) and (getattr(prev, "weight", None) is None or prev.weight.dim() != 1):
         raise ValueError(f"cannot fold scales into {record.prev_op} ({type(prev).__name__})")
-    if prev_rows_count(record.prev_rows, prev.weight.shape[0]) != record.scales.numel():
-        raise ValueError(f"cannot fold {record.scales.numel()} scales into rows {record.prev_rows or 'all'} of "
-                         f"{record.prev_op} ({prev.weight.shape[0]} outputs)")
+    a, b = record.prev_rows or (0, prev.weight.shape[0])
+    if b - a != record.scales.numel() or b > prev.weight.shape[0]:
+        raise ValueError(f"cannot fold {record.scales.numel()} scales into rows {a}:{b} of {record.prev_op} "
+                         f"({prev.weight.shape[0]} outputs)")
     for name in record.absorbers:
         weight = getattr(block.get_submodule(name), "weight", None)
         if weight is None or weight.dim() != 2 or weight.shape[1] != record.scales.numel():

@@ -7,10 +7,11 @@ MLA's scale groups, from its algebra: q_a_proj and kv_a_proj_with_mqa both read 
 output (one s, judged on the attention's output); q_b_proj reads q_a_layernorm's and kv_b_proj
 reads kv_a_layernorm's, RMS norms whose weights absorb 1/s exactly, each judged on its linear's
 own output (as AutoAWQ's DeepSeek-V2 and llm-compressor's DeepSeek mappings judge them). o_proj
-reads the attention's values, which are kv_b_proj's output rows [nope, nope + v) of every head's
-nope + v (interleaved with the keys' rows): attention is linear in the values, so dividing those
-rows by s and multiplying o_proj's inputs by s is exact, the paper's v -> o group (both peers
-leave it out). Without q_lora_rank (DeepSeek-V2-Lite shapes) q_proj reads the input norm directly.
+reads the attention's values, kv_b_proj's output rows [nope, nope + v) of every head's nope + v:
+attention is linear in the values, so a v -> o group would fold exactly through those strided
+rows, but on random DeepSeek-V3 blocks it raised the summed block-output error by 6 % (worse in 5
+of 8 blocks; docs/benchmarks.md), and both peers leave it out: it is skipped, with that reason in
+streamq.json. Without q_lora_rank (DeepSeek-V2-Lite shapes) q_proj reads the input norm directly.
 
 The multi-token-prediction layer a checkpoint carries after the last block (model.layers.61.* in
 DeepSeek-V3) is not a decoder block transformers runs: it is left out of the output (never read),
@@ -35,10 +36,14 @@ def mla_attention(config: Any) -> list[ScaleGroup]:
     if config.q_lora_rank:
         out.append(ScaleGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",), "self_attn.q_b_proj"))
     out.append(ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",), "self_attn.kv_b_proj"))
-    nope, v = config.qk_nope_head_dim, config.v_head_dim  # each head's rows of kv_b_proj: keys, then values
-    out.append(ScaleGroup("self_attn.kv_b_proj", ("self_attn.o_proj",), "self_attn.o_proj",
-                          prev_rows=(nope, nope + v, nope + v)))
     return out
+
+
+def mla_skipped(config: Any) -> list[str]:
+    nope, v = config.qk_nope_head_dim, config.v_head_dim
+    return [f"self_attn.kv_b_proj -> self_attn.o_proj: o_proj's inputs are kv_b_proj's value rows, [{nope}, "
+            f"{nope + v}) of each head's {nope + v}; a scale there measured 6 % more block-output error on random "
+            "DeepSeek-V3 blocks, and AutoAWQ and llm-compressor leave it out"]
 
 
 DEEPSEEK_LAYOUT = MoeLayout("mlp", ("gate_proj", "up_proj", "down_proj"), "n_routed_experts", "moe_intermediate_size",
@@ -50,7 +55,7 @@ DEEPSEEK_V3 = moe_family(
     "deepseek_v3", DEEPSEEK_LAYOUT, mla_attention,
     # the query path is not clipped (its errors are judged through the attention logits), as q_proj's
     no_clip=("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj"),
-    skipped_groups=lambda config: [],
+    skipped_groups=mla_skipped,
     output_config=lambda config: {"num_nextn_predict_layers": 0},
 )
 
