@@ -99,3 +99,26 @@ def killed_run_resumes_byte_identical(args: list[str], tmp_path: Path, kill_at: 
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint_bytes(tmp_path / "cut") == checkpoint_bytes(tmp_path / "whole")
     return whole.stdout
+
+
+def mixture_streams_as_reference(model_dir: Path, out_root: Path, calib) -> Path:
+    """A mixture of experts quantized by the unstreamed reference and by the engine with no
+    budget and at the smallest (which parks the experts): the same bytes each time, the plan the
+    forecast's, the experts parked only under the budget. Returns the smallest budget's output."""
+    import json
+
+    from streamq import engine, reference
+    from streamq.config import QuantConfig
+    from streamq.forecast import forecast
+
+    reference.quantize(model_dir, out_root / "ref", QuantConfig(), calib, chunk_samples=4, device="cpu")
+    expected = checkpoint_bytes(out_root / "ref")
+    minimum = engine.plan(model_dir, QuantConfig(), calib, device="cpu").minimum_bytes
+    for budget in (None, minimum):
+        out = out_root / f"s{budget}"
+        summary = engine.quantize(model_dir, out, QuantConfig(), calib, device="cpu", max_gpu_mem=budget)
+        assert checkpoint_bytes(out) == expected
+        assert summary.plan.experts_parked == (budget is not None)
+        told = forecast(model_dir, QuantConfig(), calib, device="cpu", max_gpu_mem=budget)
+        assert told.plan == json.loads((out / "streamq.json").read_text())["plan"]
+    return out

@@ -15,12 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import checkpoint_bytes, killed_run_resumes_byte_identical
+from helpers import checkpoint_bytes, killed_run_resumes_byte_identical, mixture_streams_as_reference
 from make_tiny_model import make_tiny
 from streamq import engine, reference
 from streamq.config import CalibConfig, QuantConfig
 from streamq.families import build_block, detect
-from streamq.forecast import forecast
 from streamq.models import load_config, open_checkpoint
 from streamq.block import block_groups
 from streamq.ppl import perplexity
@@ -187,17 +186,7 @@ def test_streamed_equals_reference_at_every_budget(deepseek, tmp_path):
     """The unstreamed reference (transformers' whole model) and the engine give the same bytes
     with no budget and at the smallest (the sparse blocks' experts parked in host memory); the
     plan is the forecast's; the routers are float32 and unquantized; the MTP layer is not written."""
-    path = deepseek["bf16"]
-    reference.quantize(path, tmp_path / "ref", QuantConfig(), CALIB, chunk_samples=4, device="cpu")
-    expected = checkpoint_bytes(tmp_path / "ref")
-    minimum = engine.plan(path, QuantConfig(), CALIB, device="cpu").minimum_bytes
-    for budget in (None, minimum):
-        out = tmp_path / f"s{budget}"
-        summary = engine.quantize(path, out, QuantConfig(), CALIB, device="cpu", max_gpu_mem=budget)
-        assert checkpoint_bytes(out) == expected
-        assert summary.plan.experts_parked == (budget is not None)
-        told = forecast(path, QuantConfig(), CALIB, device="cpu", max_gpu_mem=budget)
-        assert told.plan == json.loads((out / "streamq.json").read_text())["plan"]
+    out = mixture_streams_as_reference(deepseek["bf16"], tmp_path, CALIB)
     written = {k: v for f in sorted(out.glob("model-*.safetensors")) for k, v in load_file(f).items()}
     assert not [k for k in written if k.startswith(MTP)]
     assert written["model.layers.2.mlp.gate.weight"].dtype == torch.float32
@@ -276,19 +265,14 @@ def test_parked_experts_hold_no_memory_and_are_read_at_each_use(deepseek, monkey
 def test_glm4_moe_streams_what_transformers_computes_and_equals_the_reference(eval_text, tmp_path):  # noqa: F811
     """GLM-4.5's layout (DeepSeek-V3's MLPs and router, q/k/v with biases and q/k norms, 2 key/value
     heads for 4): streamed ppl is transformers', the engine's output the reference's at no budget
-    and at the smallest (experts parked), the routers float32 and unquantized."""
+    and at the smallest (experts parked), the plan the forecast's, the routers float32 and
+    unquantized."""
     path = make_tiny(tmp_path / "glm", "glm4_moe", hidden=128, ffn=128, layers=LAYERS, kv_heads=2, seed=13)
     config = load_config(path)
     assert detect(config).name == "glm4_moe" and detect(config).layer_kind(config, 3) == 2
     assert perplexity(path, eval_text, seqlen=SEQLEN, device="cpu").ppl == \
         pytest.approx(reference_ppl(path, text_ids(path, eval_text), SEQLEN), rel=1e-5)
-    reference.quantize(path, tmp_path / "ref", QuantConfig(), CALIB, chunk_samples=4, device="cpu")
-    minimum = engine.plan(path, QuantConfig(), CALIB, device="cpu").minimum_bytes
-    for budget in (None, minimum):
-        out = tmp_path / f"s{budget}"
-        summary = engine.quantize(path, out, QuantConfig(), CALIB, device="cpu", max_gpu_mem=budget)
-        assert checkpoint_bytes(out) == checkpoint_bytes(tmp_path / "ref")
-        assert summary.plan.experts_parked == (budget is not None)
+    out = mixture_streams_as_reference(path, tmp_path, CALIB)
     written = {k: v for f in sorted(out.glob("model-*.safetensors")) for k, v in load_file(f).items()}
     assert written["model.layers.3.mlp.gate.weight"].dtype == torch.float32
     assert "model.layers.3.self_attn.q_proj.bias" in written and "model.layers.3.mlp.experts.5.up_proj.qweight" in written

@@ -18,7 +18,7 @@ from dequant import dequantize_checkpoint
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from helpers import checkpoint_bytes, killed_run_resumes_byte_identical
+from helpers import checkpoint_bytes, killed_run_resumes_byte_identical, mixture_streams_as_reference
 from make_tiny_model import make_tiny
 from streamq import engine, reference
 from streamq.block import quantize_block
@@ -191,8 +191,6 @@ def test_dense_and_sparse_layers_in_one_model(eval_text, tmp_path, name, extra, 
     DeepSeek-V3's first layers are): each block gets the groups of the MLP it has, the plan covers
     both kinds (the smallest budget parks the sparse blocks' experts); the streamed ppl is
     transformers', the output the unstreamed reference's at every budget, and the plan the run's."""
-    from streamq.forecast import forecast
-
     model_dir = make_tiny(tmp_path / name, name, hidden=128, ffn=128, layers=layers, seed=7, config_extra=extra)
     config = load_config(model_dir)
     family = detect(config)
@@ -200,15 +198,8 @@ def test_dense_and_sparse_layers_in_one_model(eval_text, tmp_path, name, extra, 
     ids = text_ids(model_dir, eval_text)
     assert perplexity(model_dir, eval_text, seqlen=SEQLEN, device="cpu").ppl == \
         pytest.approx(reference_ppl(model_dir, ids, SEQLEN), rel=1e-5)
-    reference.quantize(model_dir, tmp_path / "ref", QuantConfig(), CALIB, chunk_samples=4, device="cpu")
+    out = mixture_streams_as_reference(model_dir, tmp_path, CALIB)
     minimum = engine.plan(model_dir, QuantConfig(), CALIB, device="cpu").minimum_bytes
-    for budget in (None, minimum):
-        out = tmp_path / f"s{budget}"
-        summary = engine.quantize(model_dir, out, QuantConfig(), CALIB, device="cpu", max_gpu_mem=budget)
-        assert checkpoint_bytes(out) == checkpoint_bytes(tmp_path / "ref")
-        assert summary.plan.experts_parked == (budget is not None)
-        told = forecast(model_dir, QuantConfig(), CALIB, device="cpu", max_gpu_mem=budget)
-        assert told.plan == json.loads((out / "streamq.json").read_text())["plan"]
     with pytest.raises(SettingsError, match=r"a block of each kind needs at least (\S+) ") as refused:
         engine.plan(model_dir, QuantConfig(), CALIB, device="cpu", max_gpu_mem=minimum - 1)
     named = re.search(r"needs at least (\S+) ", str(refused.value)).group(1)  # copied back, it plans
