@@ -98,7 +98,7 @@ def act_scale(chunks: Chunks, device: torch.device | None = None) -> torch.Tenso
 def weight_scale(weights: Iterable[torch.Tensor], group_size: int, device: torch.device) -> torch.Tensor:
     """mean over the output channels of all the weights of |w| / max|w| of its group (the
     duo-scaling statistic): each weight reduced on `device` in float32, one at a time (a parked
-    expert's comes from the host alone), the sums added in float64."""
+    expert's read from the shards alone), the sums added in float64."""
     total, rows = None, 0
     for w in weights:
         w = w.to(device).float()

@@ -141,26 +141,28 @@ class ShardReader:
         return sorted(self.infos)
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.files:
-            raise InputError(f"tensor {name} is missing from {self.model_dir}")
-        stored = self._handle(self.files[name]).get(self._stored[name])
-        if name in self._scales:  # an encoded weight: decoded in float32, rounded once to the model's dtype
-            path, scales = self._scales[name]
-            return self.encoding.decode(stored, self._handle(path).get(scales)).to(self._decoded_dtype)
-        return stored
+        return self._read(name, self._handle)
 
     def load(self, name: str, device: torch.device) -> torch.Tensor:
         """One tensor on `device`, read through handles opened for this read alone, so its pages
         are not left mapped in this process (a parked expert is read once per use, never held);
         an encoded weight goes to the device encoded and is decoded there (the same float32
         products, rounded alike, on any device)."""
+        return self._read(name, self._open, device)
+
+    def _read(self, name: str, open_file, device: torch.device | None = None) -> torch.Tensor:
+        """`name` through `open_file` (the kept handle, or one opened for this read), on `device`
+        (None: where the file hands it out); an encoded weight decoded in float32 there and rounded
+        once to the model's dtype."""
         if name not in self.files:
             raise InputError(f"tensor {name} is missing from {self.model_dir}")
-        stored = self._open(self.files[name]).get(self._stored[name]).to(device)
+        stored = open_file(self.files[name]).get(self._stored[name])
+        stored = stored if device is None else stored.to(device)
         if name not in self._scales:
             return stored
         path, scales = self._scales[name]
-        return self.encoding.decode(stored, self._open(path).get(scales).to(device)).to(self._decoded_dtype)
+        scales = open_file(path).get(scales)
+        return self.encoding.decode(stored, scales if device is None else scales.to(device)).to(self._decoded_dtype)
 
     def with_prefix(self, prefix: str) -> "BlockTensors":
         """Tensors whose names start with prefix, keyed by the rest of the name, each read when

@@ -1,7 +1,7 @@
 """DeepSeek-V3 (MLA, dense then sparse layers, grouped sigmoid routing with a correction bias, a
-shared expert), and GLM-4.5 (the same MLPs under grouped-query attention), on a tiny random model from transformers' own config class: 2 dense + 2 sparse
-layers, 8 experts in 2 groups, top-2, q_lora_rank and kv_lora_rank set. It is written as
-DeepSeek-V3 is published: bf16 with the router's correction bias in float32, a
+shared expert), and GLM-4.5 (the same MLPs under grouped-query attention), on tiny random models
+from transformers' own config classes: 2 dense + 2 sparse layers, 8 experts in 2 groups, top-2,
+q_lora_rank and kv_lora_rank set. DeepSeek-V3's is written as it is published: bf16 with the router's correction bias in float32, a
 multi-token-prediction layer after the last block (model.layers.4.*, in its own shard), and
 again with every linear in float8_e4m3fn with weight_scale_inv per 128 x 128 block."""
 
@@ -147,8 +147,9 @@ def test_fp8_reads_as_transformers_decodes_it(deepseek):
     linear of the blocks whose shape is whole 128 x 128 blocks the weight the reader gives,
     experts included. Where the last blocks are partial (kv_a_proj_with_mqa: 144 rows here, 576
     in DeepSeek-V3, scales [2, 1] and [5, 56]; q_b_proj: 192 rows here) transformers 5.24 takes
-    rows / scale rows as the block height (72 and 96 here; for 576 / 5 it raises), while DeepSeek's own weight_dequant and the
-    reader take 128-row blocks and a partial last one: those equal the independent decoding."""
+    rows / scale rows as the block height (72 and 96 here; for 576 / 5 it raises), while
+    DeepSeek's own weight_dequant and the reader take 128-row blocks and a partial last one:
+    those equal the independent decoding."""
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
     try:
@@ -172,7 +173,8 @@ def test_fp8_reads_as_transformers_decodes_it(deepseek):
             if ".experts." in name:  # transformers holds them fused: [experts, 2 * width, hidden], [.., hidden, width]
                 e, proj = name[len(p + "mlp.experts."):].split(".")[:2]
                 width = state[p + "mlp.experts.down_proj"].shape[-1]
-                fused = state[p + ("mlp.experts.down_proj" if proj == "down_proj" else "mlp.experts.gate_up_proj")][int(e)]
+                fused = state[p + ("mlp.experts.down_proj" if proj == "down_proj"
+                                   else "mlp.experts.gate_up_proj")][int(e)]
                 theirs = {"gate_proj": fused[:width], "up_proj": fused[width:], "down_proj": fused}[proj]
             else:
                 theirs = state[name]
@@ -253,7 +255,8 @@ def test_parked_experts_hold_no_memory_and_are_read_at_each_use(deepseek, monkey
     assert not any(p.is_meta for p in block.mlp.shared_experts.parameters())  # the shared expert stays
     reads = []
     real = ShardReader.load
-    monkeypatch.setattr(ShardReader, "load", lambda self, name, device: (reads.append(name), real(self, name, device))[1])
+    monkeypatch.setattr(ShardReader, "load",
+                        lambda self, name, device: (reads.append(name), real(self, name, device))[1])
     for _ in range(2):
         with loaded(block.mlp.experts[3]) as expert:
             for name in ("gate_proj", "up_proj", "down_proj"):
@@ -275,7 +278,8 @@ def test_glm4_moe_streams_what_transformers_computes_and_equals_the_reference(ev
     out = mixture_streams_as_reference(path, tmp_path, CALIB)
     written = {k: v for f in sorted(out.glob("model-*.safetensors")) for k, v in load_file(f).items()}
     assert written["model.layers.3.mlp.gate.weight"].dtype == torch.float32
-    assert "model.layers.3.self_attn.q_proj.bias" in written and "model.layers.3.mlp.experts.5.up_proj.qweight" in written
+    assert "model.layers.3.self_attn.q_proj.bias" in written
+    assert "model.layers.3.mlp.experts.5.up_proj.qweight" in written
     info = json.loads((out / "streamq.json").read_text())
     assert "grouped-query attention" in info["skipped_scale_groups"][0]
 

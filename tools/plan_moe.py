@@ -95,7 +95,8 @@ def main() -> None:
                 cell += f", experts moved {moved}"
             cells.append(cell)
         whole = block_plan(config, family, qcfg, calib, cuda, torch.bfloat16, None)[1].minimum_bytes
-        print(f"| {name} | {format_bytes(shape.weight_elems * 2)} | {format_bytes(shape.parkable_elems * 2)} | {micro} | "
+        print(f"| {name} | {format_bytes(shape.weight_elems * 2)} | {format_bytes(shape.parkable_elems * 2)} | "
+              f"{micro} | "
               f"{format_bytes(plan(None, park=False).minimum_bytes)} | {format_bytes(whole)}"
               " | " + " | ".join(cells) + " |")
     print("\ncells: samples per chunk x where activations live ('parked': experts read from the shards at each use, "

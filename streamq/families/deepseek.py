@@ -46,6 +46,11 @@ def mla_skipped(config: Any) -> list[str]:
             "DeepSeek-V3 blocks, and AutoAWQ and llm-compressor leave it out"]
 
 
+def no_mtp_layer(config: Any) -> dict:
+    """The output's config: the multi-token-prediction layer is not written."""
+    return {"num_nextn_predict_layers": 0}
+
+
 DEEPSEEK_LAYOUT = MoeLayout("mlp", ("gate_proj", "up_proj", "down_proj"), "n_routed_experts", "moe_intermediate_size",
                             "norm_topk_prob", False, shared="shared_experts",
                             shared_width=lambda config: int(config.moe_intermediate_size * config.n_shared_experts),
@@ -56,8 +61,8 @@ DEEPSEEK_V3 = moe_family(
     # the query path is not clipped (its errors are judged through the attention logits), as q_proj's
     no_clip=("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj"),
     skipped_groups=mla_skipped,
-    output_config=lambda config: {"num_nextn_predict_layers": 0},
+    output_config=no_mtp_layer,
 )
 
 GLM4_MOE = moe_family("glm4_moe", DEEPSEEK_LAYOUT, skipped_groups=skipped_v_o,
-                      output_config=lambda config: {"num_nextn_predict_layers": 0})
+                      output_config=no_mtp_layer)

@@ -12,15 +12,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from .base import ScaleGroup
-from .llama import LLAMA, gqa
+from .llama import LLAMA, attention_groups
 
 
 def _scale_groups(config: Any) -> list[ScaleGroup]:
-    groups = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                         "self_attn", inspect_takes_block_kwargs=True)]
-    if not gqa(config):
-        groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
-    return groups + [
+    return attention_groups(config) + [
         ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     ]

@@ -27,20 +27,22 @@ def skipped_v_o(config: Any) -> list[str]:
             f"heads for {config.num_attention_heads} query heads), v_proj's outputs are not o_proj's inputs"]
 
 
-def _scale_groups(config: Any) -> list[ScaleGroup]:
-    groups = [
-        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                   "self_attn", inspect_takes_block_kwargs=True),
-    ]
-    # v_proj's output channels are o_proj's input channels only without grouped-query
-    # attention; with GQA the shapes differ and the scale cannot be folded.
+def attention_groups(config: Any) -> list[ScaleGroup]:
+    """LLaMA-style attention's groups (also Gemma's and the LLaMA-like mixtures'): the input
+    norm -> q/k/v, and v -> o, whose output channels are o_proj's input channels only without
+    grouped-query attention (with GQA the shapes differ and the scale cannot be folded)."""
+    groups = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                         "self_attn", inspect_takes_block_kwargs=True)]
     if not gqa(config):
         groups.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
-    groups += [
+    return groups
+
+
+def _scale_groups(config: Any) -> list[ScaleGroup]:
+    return attention_groups(config) + [
         ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     ]
-    return groups
 
 
 def block_kwargs(config: Any, seqlen: int, device: torch.device, dtype: torch.dtype, index: int = 0) -> dict:

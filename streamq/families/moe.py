@@ -28,7 +28,7 @@ from transformers.activations import ACT2FN
 from ..placement import is_parked, loaded
 from ..search import run_module
 from .base import BLOCK_BUILDERS, LAYER_ADAPTERS, Family, ScaleGroup, modeling_class
-from .llama import LLAMA, gqa
+from .llama import LLAMA, attention_groups
 
 
 def qwen_sparse(config: Any, index: int) -> bool:
@@ -95,7 +95,7 @@ def grouped_sigmoid_top_k(config: Any, layout: "MoeLayout"):
     weights are the unbiased scores, renormalised (norm_topk_prob) and times
     routed_scaling_factor, in float32, as transformers' DeepseekV3TopkRouter computes them."""
     top_k, groups, kept = int(config.num_experts_per_tok), int(config.n_group), int(config.topk_group)
-    renormalise, factor = bool(config.norm_topk_prob), float(config.routed_scaling_factor)
+    renormalise, factor = bool(getattr(config, layout.renormalise)), float(config.routed_scaling_factor)
 
     def select(logits: torch.Tensor, router: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         scores = logits.sigmoid()
@@ -148,7 +148,7 @@ class Expert(nn.Module):
                 lin.routed_fraction = routed_fraction
             self.add_module(name, lin)
         self.act_fn = ACT2FN[act]
-        self.parkable = routed_fraction is not None  # a routed expert may be parked (read from the shards at each use)
+        self.parkable = routed_fraction is not None  # a routed expert may be parked (read at each use)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
@@ -327,15 +327,6 @@ def moe_adapter(layout: MoeLayout):
     return adapt
 
 
-def llama_attention(config: Any) -> list[ScaleGroup]:
-    """LLaMA-style attention's groups: the input norm -> q/k/v, and v -> o without GQA."""
-    out = [ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                      "self_attn", inspect_takes_block_kwargs=True)]
-    if not gqa(config):
-        out.append(ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"))
-    return out
-
-
 def _moe_groups(layout: MoeLayout, attention: Callable[[Any], list[ScaleGroup]]):
     gate, up, down = layout.names
     p = layout.attr
@@ -372,7 +363,7 @@ def _ignored(layout: MoeLayout):
     return ignored
 
 
-def moe_family(name: str, layout: MoeLayout, attention: Callable[[Any], list[ScaleGroup]] = llama_attention,
+def moe_family(name: str, layout: MoeLayout, attention: Callable[[Any], list[ScaleGroup]] = attention_groups,
                **fields: Any) -> Family:
     """A LLaMA-like family whose MLPs are (some or all) sparse, with its block builder and the
     adapter of transformers' whole-model layers registered; `fields` replace LLaMA's others."""
