@@ -55,10 +55,11 @@ def test_measured_peak_stays_within_the_estimate(one_block_models, name, park, d
     their weights are in host memory: not counted as held, and every copy of them that comes to
     the device is (each load is a real copy, on a CPU too)."""
     if (name, park, dtype, micro) == ("deepseek_v3", False, torch.float32, 1):
-        # measured 80.47 MB against 78.57 MB: the norm group's first candidates (18.9 MB, all 8
-        # experts' and the shared expert's gate/up) coexist with the weights they replace (19.9 MB
-        # allocated inside the first _set_candidate, 2.1 MB in the next); not fixed yet
-        request.applymarker(pytest.mark.xfail(strict=True, reason="planner 2.4 % under the measured peak"))
+        # alone, measured 80.47 MB against 78.57 MB: the norm group's first candidates (18.9 MB, all
+        # 8 experts' and the shared expert's gate/up) coexist with the weights they replace (19.9 MB
+        # allocated inside the first _set_candidate, 2.1 MB in the next); after the rest of the
+        # suite it measured under (one-time allocations already made), so not strict; not fixed yet
+        request.applymarker(pytest.mark.xfail(reason="planner 2.4 % under the measured peak when run alone"))
     config = AutoConfig.from_pretrained(one_block_models[name])
     family, cpu, elem = detect(config), torch.device("cpu"), torch.finfo(dtype).bits // 8
     plan = plan_block(shape_of(config), N_SAMPLES, SEQLEN, elem, budget=10**12, micro=micro, park=park)
