@@ -374,13 +374,12 @@ def rounded(block: nn.Module, names: list[str], records: BlockRecords, qcfg: Qua
             del w
             continue
         heights = [block.get_submodule(n).out_features for n in group]
-        if len(group) == 1:
-            w = folded_clipped(group[0])
-        else:  # each folded weight written into its rows: no second copy of the set
-            w = torch.empty(sum(heights), block.get_submodule(group[0]).in_features, dtype=torch.float32,
-                            device=compute_device(block))
-            for name, rows in zip(group, w.split(heights)):
-                rows.copy_(folded_clipped(name))
+        # each folded weight written into its rows of the set, held transposed as gptq_quantize
+        # walks it (the transpose of [in, out] storage: no second copy of the set)
+        w = torch.empty(block.get_submodule(group[0]).in_features, sum(heights), dtype=torch.float32,
+                        device=compute_device(block)).t()
+        for name, rows in zip(group, w.split(heights)):
+            rows.copy_(folded_clipped(name))
         try:
             codes, scales, zeros = gptq_quantize(w, hessians(group[0]), qcfg.w_bit, qcfg.group_size, qcfg.zero_point,
                                                  storage, qcfg.gptq_damp, act_order=qcfg.gptq_act_order,

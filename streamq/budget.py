@@ -159,8 +159,9 @@ class BlockShape:
             captured_width=sum(captured_width(n) for n in captured),
             ref_width=max([out_width(g.inspect) for g in groups] or [hidden]),
             clip_bytes=max(clip_bytes(m) for m in linears.values()),
-            gptq_bytes=max(4 * ms[0].in_features ** 2 * FLOAT32 + sum(m.weight.numel() for m in ms) * (FLOAT32 + 1)
-                           + (max(m.weight.numel() for m in ms) * FLOAT32 if len(ms) > 1 else 0)
+            # its Hessian in four forms, the set's float32 weights twice (a folded weight being
+            # written into the set; under act-order the permuted copy) and its codes
+            gptq_bytes=max(4 * ms[0].in_features ** 2 * FLOAT32 + sum(m.weight.numel() for m in ms) * (2 * FLOAT32 + 1)
                            for ms in gptq_sets),
             parkable_elems=sum(n for _, n in parkable),
             largest_parkable=max([n for _, n in parkable] or [0]),
