@@ -17,9 +17,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import gram
+from . import gram, search
 from .errors import SettingsError
-from .search import CLIP_MAX_ELEMS
 
 MAX_CHUNK_SAMPLES = 64  # beyond this, larger chunks buy no speed and only cost memory
 SLACK_BYTES = 256 * 2**20  # cuBLAS workspaces, the allocator's rounding, small tensors
@@ -130,13 +129,12 @@ class BlockShape:
             return math.ceil(m.in_features * getattr(m, "routed_fraction", 1.0))
 
         def clip_bytes(m: nn.Linear) -> int:
-            # the sampled tokens (as captured, divided by the scales, in float32); per batch of
-            # output channels its weights in six forms (float32 copy, clipped, quantized in
-            # float32 and back, the error) and the [groups, tokens, batch] float32 product
-            n_group = m.in_features // group_size
-            batch = max(1, min(m.out_features, CLIP_MAX_ELEMS // max(1, n_group * clip_tokens)))
-            return (clip_tokens * m.in_features * 12 + batch * m.in_features * 24
-                    + n_group * clip_tokens * batch * FLOAT32)
+            # the sampled tokens (as captured, divided by the scales, in float32), the groups'
+            # Gram matrices, and per batch of output channels eight [batch, in] float32 forms
+            # (the weights' copy, clipped, quantized in float32 and back, the error and its
+            # transpose, its product with the Gram matrices and the one with the error)
+            batch = search.clip_batch_size(m.out_features, m.in_features)
+            return clip_tokens * m.in_features * 12 + m.in_features * group_size * FLOAT32 + batch * m.in_features * 32
 
         own = [linears[g.inspect] for g in groups if gram_loss and g.own_output]
         # GPTQ rounds the linears of one Hessian together (q/k/v; gate/up; one expert's): a

@@ -111,7 +111,7 @@ def self_check(ops: Ops, device: torch.device, dtype: torch.dtype = torch.float1
     """Compare the kernels with the PyTorch path on small random inputs with ragged shapes, in
     the dtype the run computes in; None when they agree, else what differed. Pseudo-quantized
     and dequantized weights must be bit-identical; a clip pick may differ only at a near-tie
-    (the kernel sums e^T (X^T X) e, the reference |X e|^2: both float32, in another order),
+    (both sum e^T (X^T X) e in float32, the kernel in another order),
     where the exact errors of the two picks are within NEAR_TIE of each other."""
     g = torch.Generator(device="cpu").manual_seed(0)
     for w_bit, gs, rows, cols in ((4, 128, 37, 384), (3, 64, 5, 192)):

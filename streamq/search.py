@@ -310,13 +310,14 @@ def sample_tokens(chunks: Chunks, n_tokens: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
-CLIP_MAX_ELEMS = 2**24
+CLIP_MAX_ELEMS = 2**21
 
 
-def clip_batch_size(out_features: int, n_group: int, n_tokens: int, max_elems: int = CLIP_MAX_ELEMS) -> int:
-    """Output channels per clip-search step, from shapes only: the [groups, tokens, batch]
-    products stay under max_elems elements (64 MiB in float32) whatever the layer."""
-    return max(1, min(out_features, max_elems // max(1, n_group * n_tokens)))
+def clip_batch_size(out_features: int, in_features: int, max_elems: int = CLIP_MAX_ELEMS) -> int:
+    """Output channels per clip-search step, from shapes only: each of the step's [batch, in]
+    float32 forms (weights, clipped, quantized, error, its products) stays under max_elems
+    elements (8 MiB) whatever the layer."""
+    return max(1, min(out_features, max_elems // max(1, in_features)))
 
 
 @torch.no_grad()
@@ -325,19 +326,25 @@ def search_clip(weight: torch.Tensor, x_tok: torch.Tensor, qcfg: QuantConfig) ->
     of the group's contribution to the layer output on the sampled tokens.
 
     The official code forms the 4-D product (channels x tokens x groups x group_size) and
-    subtracts two outputs; here each group's output error is one batched matmul of the inputs
-    with the weight error e = Q(clamp(w)) - w, [groups, tokens, group] x [groups, group, batch]:
-    no cancellation, and a working set bounded by clip_batch_size. The whole search is float32
-    whatever the compute dtype (candidates, clamping, the quantized weights, the error): with
-    the candidates and quantized weights rounded to fp16 it clipped measurably worse (SmolLM2,
-    AWQ INT4 g64: docs/benchmarks.md), and fp16 squares would underflow or overflow. The chosen
-    max_val is returned in float32; apply_clip rounds it to the weights' dtype."""
+    subtracts two outputs; here a group's output error over the T tokens, |X_g e|^2 / T for the
+    weight error e = Q(clamp(w)) - w, is e G_g e^T / T with G_g = X_g^T X_g, the group's
+    [group, group] Gram matrix made once: per candidate group_size instead of T products per
+    weight (8x fewer at the default 512 tokens and group 64), no cancellation of two outputs,
+    and a working set bounded by clip_batch_size. The CUDA kernel sums the same form. The whole
+    search is float32 whatever the compute dtype (candidates, clamping, the quantized weights,
+    the error): with the candidates and quantized weights rounded to fp16 it clipped measurably
+    worse (SmolLM2, AWQ INT4 g64: docs/benchmarks.md), and fp16 squares would underflow or
+    overflow. The chosen max_val is returned in float32; apply_clip rounds it to the weights' dtype."""
     out_features, in_features = weight.shape
     gs = qcfg.group_size
     n_group = in_features // gs
-    # the inputs as the layer sees them (rounded to its dtype), then float32
+    # the inputs as the layer sees them (rounded to its dtype), then float32, and per group
+    # their Gram matrix [G, gs, gs]
     x = x_tok.to(device=weight.device, dtype=weight.dtype).float().reshape(-1, n_group, gs).transpose(0, 1)
-    batch = clip_batch_size(out_features, n_group, x.shape[1])
+    n_tokens = x.shape[1]
+    gram = torch.bmm(x.transpose(1, 2), x)
+    del x
+    batch = clip_batch_size(out_features, in_features)
     best = []
     for start in range(0, out_features, batch):
         w = weight[start:start + batch].float()  # exact: half values are float32 values
@@ -349,7 +356,8 @@ def search_clip(weight: torch.Tensor, x_tok: torch.Tensor, qcfg: QuantConfig) ->
             max_val = org_max * (1 - i / qcfg.n_grid)
             clipped = torch.clamp(wg, -max_val[..., None], max_val[..., None]).reshape(w.shape)
             e = pseudo_quantize(clipped, qcfg.w_bit, gs, qcfg.zero_point, qcfg.storage_torch_dtype).reshape(wg.shape) - wg
-            err = torch.bmm(x, e.permute(1, 2, 0)).pow_(2).mean(dim=1).t()  # [b, G]
+            e = e.transpose(0, 1)  # [G, b, gs]
+            err = (torch.bmm(e, gram) * e).sum(dim=-1).t() / n_tokens  # [b, G]
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best_max = torch.where(better, max_val, best_max)

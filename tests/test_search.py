@@ -127,6 +127,49 @@ def test_clip_search_never_increases_error(tiny_models):
     assert layer(q_clip) <= layer(q_plain)
 
 
+def token_clip(weight, x_tok, qcfg):
+    """The clip search as the official code judges it, straightforwardly: each candidate's
+    group output error |X_g e|^2 / T over the sampled tokens, one product per token."""
+    gs = qcfg.group_size
+    x = x_tok.to(weight.dtype).float().reshape(x_tok.shape[0], -1, gs)
+    w = weight.float()
+    wg = w.reshape(w.shape[0], -1, gs)
+    org_max = wg.abs().amax(dim=-1)
+    best, min_err = org_max.clone(), torch.full(org_max.shape, float("inf"))
+    for i in range(int(qcfg.max_shrink * qcfg.n_grid)):
+        max_val = org_max * (1 - i / qcfg.n_grid)
+        q = pseudo_quantize(torch.clamp(wg, -max_val[..., None], max_val[..., None]).reshape(w.shape), qcfg.w_bit, gs)
+        err = torch.einsum("tgk,ogk->tog", x, q.reshape(wg.shape) - wg).pow(2).mean(dim=0)
+        better = err < min_err
+        min_err, best = torch.where(better, err, min_err), torch.where(better, max_val, best)
+    return best
+
+
+@pytest.mark.parametrize("dtype,group_size", [(torch.float32, 64), (torch.float16, 128), (torch.bfloat16, 32)])
+def test_clip_search_by_gram_matrix_picks_as_the_token_loop(dtype, group_size):
+    """e G e^T over each group's Gram matrix is |X_g e|^2 in other float32 sums: on random and
+    planted-outlier inputs the picks are the token loop's but at near-ties, and there each
+    pick's exact error (float64) is within 1e-5 of the other's."""
+    from streamq.kernels import clip_error
+    g = torch.Generator().manual_seed(group_size)
+    qcfg = QuantConfig(group_size=group_size)
+    differ = total = 0
+    for outliers in (False, True):
+        w = torch.randn(200, 512, generator=g) * 0.02
+        x = torch.randn(400, 512, generator=g)
+        if outliers:
+            w[:, 7] *= 30
+            x[:, [7, 100, 301]] *= 100
+        w, x = w.to(dtype), x.to(dtype)
+        gram, token = search_clip(w, x, qcfg), token_clip(w, x, qcfg)
+        d = gram != token
+        if d.any():
+            e_gram, e_token = clip_error(w, x, gram, qcfg)[d], clip_error(w, x, token, qcfg)[d]
+            assert torch.allclose(e_gram, e_token, rtol=1e-5, atol=0)
+        differ, total = differ + int(d.sum()), total + d.numel()
+    assert differ <= total // 1000, (differ, total)
+
+
 def test_clip_batch_size_does_not_change_result(tiny_models, monkeypatch):
     s = setup_model(tiny_models["opt"])
     qcfg = QuantConfig()
