@@ -93,6 +93,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int,
     out_features, in_features = w.shape
     if block % group_size and group_size % block:
         raise ValueError(f"block {block} and group size {group_size} must divide one another")
+    if scale_dtype not in (torch.float16, torch.bfloat16):  # the exactness the loop's addcmul relies on
+        raise ValueError(f"scales are stored in half precision, not {scale_dtype}")
     wt = w.t() if w.t().is_contiguous() else w.t().contiguous()  # [in, out]: row i is column i
     del w
     wt[torch.diag(h) == 0] = 0  # dead inputs (inverse_factor gives them a unit diagonal)
@@ -130,10 +132,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, w_bit: int, group_size: int,
                 scale, zero = scales_t[g], zeros_t[g]
             q, err = q1[i], err1[i]
             # q = clamp(round(w / scale) + zero, 0, max) and err = (w - (q - zero) * scale) / d,
-            # as quant.quantize rounds, computed into the block's buffers
+            # as quant.quantize rounds, computed into the block's buffers; (q - zero) * scale is
+            # exact in float32 (an integer of at most 8 bits times a half-precision scale), so
+            # addcmul's one rounding of w - (q - zero) * scale, fused or not, is the two steps'
             torch.div(w1[i], scale, out=q).round_().add_(zero).clamp_(0, max_int)
-            torch.sub(q, zero, out=err).mul_(scale)
-            torch.sub(w1[i], err, out=err).div_(diagonal[i])
+            torch.addcmul(w1[i], torch.sub(q, zero, out=err), scale, value=-1, out=err).div_(diagonal[i])
             w1[i:].sub_(h1[i, i:, None] * err[None, :])
         codes[:, order[i1:i2] if act_order else slice(i1, i2)] = q1.t().to(torch.uint8)
         for a, b in rows:  # the product of err1 [rows, block] as on [out, in], then transposed
