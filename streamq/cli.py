@@ -413,7 +413,7 @@ def print_summary(summary, output: Path) -> None:
         f" (planned peak {format_bytes(plan.estimated_peak_bytes)})",
         f"  peak GPU memory {gpu_line},"
         f" peak RSS {format_bytes(max(b['peak_rss_bytes'] for b in summary.blocks))}",
-        f"  size: {summary.input_bytes / 1e9:.3f} GB fp16 -> {summary.output_bytes / 1e9:.3f} GB"
+        f"  size on disk: {summary.input_bytes / 1e9:.3f} GB -> {summary.output_bytes / 1e9:.3f} GB"
         f" INT{qcfg.w_bit}" if qcfg.mode != "keep1" else
         f"  size: {summary.input_bytes / 1e9:.3f} GB -> {summary.output_bytes / 1e9:.3f} GB (fp16 fake-quant)",
     ]

@@ -92,7 +92,7 @@ def test_summary_reports_memory_and_sizes(tiny_models, tmp_path):
     assert result.exit_code == 0, result.output
     assert "activations on the device" in result.stdout
     assert "peak GPU memory n/a (CPU run), peak RSS" in result.stdout
-    assert "GB fp16 ->" in result.stdout and "INT4" in result.stdout
+    assert "size on disk: " in result.stdout and " GB -> " in result.stdout and "INT4" in result.stdout
 
 
 def test_unsupported_architecture(tiny_models, tmp_path):
