@@ -16,13 +16,13 @@ from .config import QuantConfig
 from .errors import InputError, NumericError
 from .families import Family
 from .families.base import tensor_dtype
-from .formats import Format, dense_state
+from .formats import Format, dense_state, dequantize, linear_tensors
 from .timing import UNTIMED, Phases
 from .formats.awq import AWQ
 from .gram import cheaper
 from .gptq import NotPositiveDefinite, gptq_quantize, hessian, scaled_hessian
 from .kernels import TORCH, Ops
-from .placement import (Assembler, TokenCollector, compute_device, host_buffer, loaded, original, parked_root,
+from .placement import (Assembler, TokenCollector, compute_device, loaded, original, parked_root,
                         upload)
 from .quant import check_group_size, quant_params, quantize
 from .search import (
@@ -300,17 +300,40 @@ def quantize_block(
 
 def quantized_copy(block: nn.Module, tensors: dict[str, torch.Tensor], qcfg: QuantConfig, fmt: Format) -> nn.Module:
     """A copy of the block computing with the written tensors: packed linears dequantized as a
-    loader does, every other tensor as stored; in the block's dtype, on its device."""
+    loader does, every other tensor as stored; in the block's dtype, on its device. A parked
+    expert stays parked and storage-less: each time it comes to the device its packed tensors
+    (held for the writer anyway) are uploaded and dequantized there, so the copy holds on the
+    device only what the block itself does, and nothing dense of the experts anywhere."""
     device, dtype = compute_device(block), next(block.parameters()).dtype
-    state = dense_state(fmt, tensors, qcfg.w_bit, device)
     twin = copy.deepcopy(block)
-    for m in twin.modules():  # parked experts stay parked, their written weights in host memory
-        if m.__dict__.pop("sources", None):
-            for name, p in list(m.named_parameters(recurse=False)):
-                m._parameters[name] = nn.Parameter(host_buffer(tuple(p.shape), p.dtype, pinned=device.type == "cuda"),
-                                                   requires_grad=False)
-    twin.load_state_dict({k: v.to(device, tensor_dtype(block, k, dtype)) for k, v in state.items()}, strict=True)
+    packed = linear_tensors(fmt, list(tensors))
+    parked: set[str] = set()  # the parked parameters, by full name
+    for name, m in twin.named_modules():
+        sources = m.__dict__.get("sources")
+        if not sources:
+            continue
+        m.sources = {}
+        for param in sources:
+            key, kept = f"{name}.{param}", tensor_dtype(block, f"{name}.{param}", dtype)
+            if param == "weight" and name in packed:
+                m.sources[param] = _dequantizer(fmt, {s: tensors[t] for s, t in packed[name].items()}, qcfg.w_bit, kept)
+            else:
+                m.sources[param] = lambda to, t=tensors[key], kept=kept: t.to(device=to, dtype=kept)
+            parked.add(key)
+    held = {k: v for k, v in tensors.items() if k not in parked and k.rpartition(".")[0] + ".weight" not in parked}
+    state = dense_state(fmt, held, qcfg.w_bit, device)
+    missing, unexpected = twin.load_state_dict(
+        {k: v.to(device, tensor_dtype(block, k, dtype)) for k, v in state.items()}, strict=False)
+    if unexpected or set(missing) != parked:
+        raise RuntimeError(f"the quantized copy does not match the block: missing {missing}, unexpected {unexpected}")
     return twin
+
+
+def _dequantizer(fmt: Format, packed: dict[str, torch.Tensor], bits: int, dtype: torch.dtype):
+    """A parked linear's source in the quantized copy: its packed tensors dequantized on the
+    device it is loaded to."""
+    return lambda device: dequantize(fmt, {s: t.to(device, non_blocking=True) for s, t in packed.items()},
+                                     bits).to(dtype)
 
 
 class HessianSource:

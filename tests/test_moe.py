@@ -92,6 +92,29 @@ def test_moe_streamed_equals_reference(moe_models, tmp_path, name, method):
     assert sum(routed.values()) == 2 * 2 * CALIB.n_samples * CALIB.seqlen  # top-2, gate/up and down inputs
 
 
+def test_the_quantized_copy_of_a_parked_block_holds_no_expert(moe_models):
+    """--next-input quantized runs the block's quantized copy: with its experts parked, the
+    copy's experts are storage-less too (their packed tensors dequantized on the device at each
+    use, not the whole block dequantized at once), and its output is the unparked copy's."""
+    from streamq.block import quantized_copy
+    path = moe_models["qwen2_moe"]
+    config, cpu = load_config(path), torch.device("cpu")
+    family = detect(config)
+    x = list((torch.rand(4, 64, config.hidden_size, generator=torch.Generator().manual_seed(0)) - 0.5).split(2))
+    kwargs = family.block_kwargs(config, 64, cpu, torch.float32)
+    qcfg = QuantConfig(gptq=True, next_input="quantized")
+    runs = {}
+    for park in (False, True):
+        block = build_block(config, 0, ShardReader(path).with_prefix("model.layers.0."), cpu, torch.float32, park=park)
+        _, out, x_next = quantize_block(block, family, config, x, kwargs, qcfg)
+        runs[park] = out, x_next, quantized_copy(block, out, qcfg, AWQ)
+    (out, x_next, whole), (out_parked, x_next_parked, twin) = runs[False], runs[True]
+    assert all(p.is_meta for e in twin.mlp.experts for p in e.parameters())
+    assert not any(p.is_meta for p in twin.mlp.shared_expert.parameters())
+    assert out.keys() == out_parked.keys() and all(torch.equal(out[k], out_parked[k]) for k in out)
+    assert len(x_next) == len(x_next_parked) and all(torch.equal(a, b) for a, b in zip(x_next, x_next_parked))
+
+
 def test_router_absorbs_the_norm_scale(moe_models, tmp_path):
     """The post-attention norm is divided by s, so the router (fp16, unquantized) is multiplied
     by s along its inputs: it computes what it computed before."""
