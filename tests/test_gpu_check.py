@@ -34,12 +34,12 @@ def test_cpu_mode_passes_every_stage_it_can_run(cpu_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = summary["stages"]
     assert list(stages) == ["env", "build", "gpu-tests", "kernels-run", "ppl", "formats", "wide-opt-30b",
-                            "bench-kernels", "wide-llama-3-70b", "wide-llama-2-7b", "wide-llama-2-7b-gptq", "wide-mixtral-8x7b",
+                            "bench-kernels", "bench-matmul", "wide-llama-3-70b", "wide-llama-2-7b", "wide-llama-2-7b-gptq", "wide-mixtral-8x7b",
                             "trace-llama-2-7b", "wide-deepseek-v3"]
-    for name in ("build", "gpu-tests", "kernels-run", "bench-kernels"):
+    cuda_only = ("build", "gpu-tests", "kernels-run", "bench-kernels", "bench-matmul")
+    for name in cuda_only:
         assert stages[name] == {"status": "skipped", "reason": "needs a CUDA device"}
-    assert all(stages[name]["status"] == "ok" for name in stages if name not in
-               ("build", "gpu-tests", "kernels-run", "bench-kernels"))
+    assert all(stages[name]["status"] == "ok" for name in stages if name not in cuda_only)
     assert stages["env"]["torch"] and stages["env"]["cuda_available"] is False
     assert "| stage | status | seconds | figures |" in proc.stdout  # the summary table, printed last
     assert (out / "gpu_check.log").stat().st_size > 0

@@ -52,6 +52,7 @@ STAGES = (
     Stage("formats", False, 90, 120),  # compressed-tensors output loaded by transformers on the device
     Stage("wide-opt-30b", False, 240, 120),
     Stage("bench-kernels", True, 90, 0),
+    Stage("bench-matmul", True, 60, 0),  # the card's product rate per dtype at OPT-30B fc1's shape: the limit
     Stage("wide-llama-3-70b", False, 240, 120),
     Stage("wide-llama-2-7b", False, 90, 120),
     Stage("wide-llama-2-7b-gptq", False, 150, 120),  # GPTQ's defaults: Hessians up to 11008^2 floats
@@ -458,9 +459,19 @@ def stage_bench_kernels(args, work: Path, log: Path, deadline: float) -> dict:
     return {"ok": rc == 0, "exit": rc, "seconds": round(secs, 1), "table": table}
 
 
+def stage_bench_matmul(args, work: Path, log: Path, deadline: float) -> dict:
+    """What the card's products reach per dtype at OPT-30B fc1's shape, one 8-sample pass of 512
+    tokens (tools/bench_matmul.py): the rate the blocks' seconds are set against."""
+    rc, secs, out = sh([sys.executable, "tools/bench_matmul.py", "--m", "4096", "--k", "7168", "--n", "28672",
+                        "--device", args.device], remaining(deadline), log)
+    table = [line for line in out.splitlines() if line.startswith("|") or "median of" in line]
+    return {"ok": rc == 0, "exit": rc, "seconds": round(secs, 1), "table": table}
+
+
 RUNNERS = {
     "env": stage_env, "build": stage_build, "gpu-tests": stage_gpu_tests, "kernels-run": stage_kernels_run,
-    "ppl": stage_ppl, "formats": stage_formats, "bench-kernels": stage_bench_kernels, "suite": stage_suite,
+    "ppl": stage_ppl, "formats": stage_formats, "bench-kernels": stage_bench_kernels,
+    "bench-matmul": stage_bench_matmul, "suite": stage_suite,
     **{f"wide-{name}": stage_wide(name) for name in WIDE},
     "wide-llama-2-7b-gptq": stage_wide("llama-2-7b", "gptq"),
     "trace-llama-2-7b": stage_trace,
@@ -529,6 +540,9 @@ def figures(name: str, r: dict) -> str:
         return f"identical {r.get('identical')}; " + "; ".join(parts)
     if name == "bench-kernels":
         return f"{len(r.get('table', [])) - 3} rows (see summary.json)"
+    if name == "bench-matmul":
+        rows = [[c.strip() for c in line.split("|")] for line in r.get("table", [])]
+        return "; ".join(f"{c[1]} {c[3]} GMAC/s" for c in rows if len(c) > 4 and c[1] in ("float32", "bfloat16", "float16"))
     if name.startswith("trace-"):
         head = next((line for line in r.get("table", []) if "under the profiler" in line), "")
         return head.split(": ")[-1] + " (phases and top operators in summary.json)"
