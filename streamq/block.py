@@ -465,8 +465,10 @@ def check_finite(block: nn.Module, prefix: str) -> None:
         if t.is_meta:  # a parked expert's: read from its source
             module, _, param = key.rpartition(".")
             t = original(block.get_submodule(module), param)
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
+        # a float32 sum is finite when every value is (NaN and inf propagate); where it is not
+        # (those, or an overflow of the sum) the values are counted one by one
+        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32)) and \
+                (bad := int((~torch.isfinite(t)).sum())):
             raise InputError(f"the source's {prefix}{key} holds {bad} non-finite values (NaN or inf) of {t.numel()}; "
                              "the checkpoint is damaged or was saved from a diverged model")
 

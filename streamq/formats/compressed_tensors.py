@@ -10,6 +10,8 @@ padding between elements (a 3-bit element may straddle two words)."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..config import QuantConfig
@@ -25,6 +27,11 @@ def pack_dense(values: torch.Tensor, bits: int) -> torch.Tensor:
     if cols % WORD:
         values = torch.nn.functional.pad(values, (0, n32 * WORD - cols))
     v = values.reshape(rows, n32, WORD)
+    if bits in (4, 8) and sys.byteorder == "little":
+        # element j's bits sit in byte j * bits / 8 of its 32-element run: make the bytes in
+        # uint8 and read four as one int32, the same bits as shifting each into a wider word
+        b = v if bits == 8 else torch.bitwise_or(v[..., 0::2], v[..., 1::2] << 4)
+        return b.contiguous().view(torch.int32).reshape(rows, n32 * bits)[:, : -(-cols * bits // WORD)].contiguous()
     # one element column at a time in int64 (no sign overflow), bits words per 32 elements
     words = torch.zeros(rows, n32, bits, dtype=torch.int64, device=values.device)
     for j in range(WORD):
