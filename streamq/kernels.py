@@ -21,7 +21,7 @@ from .config import QuantConfig
 from .errors import SettingsError, StreamqError
 from .formats.awq import dequantize_gemm, pack_gemm
 from .quant import pseudo_quantize
-from .search import scaled_pseudo_quantize, search_clip
+from .search import group_gram, scaled_pseudo_quantize, search_clip
 
 KERNEL_MODES = ("auto", "torch", "cuda")
 SOURCE = Path(__file__).resolve().parent.parent / "cuda" / "streamq_kernels.cu"
@@ -72,13 +72,10 @@ def cuda_ops(ext: Any) -> Ops:
         gs = qcfg.group_size
         if gs % 32 or gs > CLIP_MAX_GROUP or qcfg.storage_dtype != "float16":
             return search_clip(weight, x_tok, qcfg)
-        n_group = weight.shape[1] // gs
-        # the inputs as the reference sees them (in the weight's dtype), then their Gram matrix
-        # per group in float32: the output error of a group error e is e^T (X^T X) e / tokens
-        x = x_tok.to(device=weight.device, dtype=weight.dtype).float().reshape(-1, n_group, gs).transpose(0, 1)
-        gram = torch.bmm(x.transpose(1, 2), x).contiguous()
+        # the output error of a group error e is e^T (X^T X) e / tokens, as the reference judges it
+        gram = group_gram(x_tok, weight, gs).contiguous()
         best = ext.clip_search(weight.contiguous(), gram, qcfg.w_bit, gs, qcfg.zero_point, qcfg.n_grid,
-                               int(qcfg.max_shrink * qcfg.n_grid), x.shape[1])
+                               int(qcfg.max_shrink * qcfg.n_grid), x_tok.shape[0])
         return best.cpu()
 
     def dequant(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

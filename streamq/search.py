@@ -320,6 +320,15 @@ def clip_batch_size(out_features: int, in_features: int, max_elems: int = CLIP_M
     return max(1, min(out_features, max_elems // max(1, in_features)))
 
 
+def group_gram(x_tok: torch.Tensor, weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per input group of `weight`, the Gram matrix X_g^T X_g [groups, group, group] (float32, on
+    the weight's device) of the sampled tokens x_tok [T, in] as the layer sees them (rounded to
+    its dtype): what the clip search judges a candidate's error with."""
+    x = x_tok.to(device=weight.device, dtype=weight.dtype).float()
+    x = x.reshape(x.shape[0], -1, group_size).transpose(0, 1)
+    return torch.bmm(x.transpose(1, 2), x)
+
+
 @torch.no_grad()
 def search_clip(weight: torch.Tensor, x_tok: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
     """Per (output channel, group) max_val from {max|w| * (1 - i/n_grid)} minimising the MSE
@@ -338,12 +347,7 @@ def search_clip(weight: torch.Tensor, x_tok: torch.Tensor, qcfg: QuantConfig) ->
     out_features, in_features = weight.shape
     gs = qcfg.group_size
     n_group = in_features // gs
-    # the inputs as the layer sees them (rounded to its dtype), then float32, and per group
-    # their Gram matrix [G, gs, gs]
-    x = x_tok.to(device=weight.device, dtype=weight.dtype).float().reshape(-1, n_group, gs).transpose(0, 1)
-    n_tokens = x.shape[1]
-    gram = torch.bmm(x.transpose(1, 2), x)
-    del x
+    gram, n_tokens = group_gram(x_tok, weight, gs), x_tok.shape[0]
     batch = clip_batch_size(out_features, in_features)
     best = []
     for start in range(0, out_features, batch):
