@@ -15,7 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_tiny_model import make_tiny  # noqa: E402
 
-torch.set_num_threads(2)
+# Under pytest-xdist (the suite's default: one worker per core) each worker and every process
+# it starts computes on one thread: two OpenMP pools spinning on each core slowed the suite
+# 3x, while one thread per worker keeps both cores busy through the start-up of the many
+# `streamq` processes the tests run (test_resume.py: 247 -> 153 s on 2 cores).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
