@@ -31,6 +31,20 @@ def test_round_trip_random_codes(w_bit, shape):
     assert torch.equal(unpack_gemm(pack_gemm(codes)), codes)
 
 
+def test_unpack_reads_any_int32_word_nibble_by_nibble():
+    """Every word, negative ones included, against shifting it in Python: nibble i is column
+    AWQ_ORDER[i]; a non-contiguous view reads as its values."""
+    g = torch.Generator().manual_seed(7)
+    words = torch.randint(-2**31, 2**31, (9, 6), generator=g, dtype=torch.int64).to(torch.int32)
+    words[0, :3] = torch.tensor([0, -1, -2**31], dtype=torch.int32)
+    for packed in (words, words.t()):
+        got = unpack_gemm(packed)
+        for r, row in enumerate(packed.tolist()):
+            for c, word in enumerate(row):
+                nibbles = [((word & 0xFFFFFFFF) >> (4 * i)) & 0xF for i in range(8)]
+                assert [got[r, 8 * c + AWQ_ORDER[i]].item() for i in range(8)] == nibbles
+
+
 def test_pack_linear_layout():
     out_f, in_f, group = 24, 256, 128
     codes = torch.randint(0, 16, (out_f, in_f), dtype=torch.uint8)
