@@ -64,7 +64,8 @@ def peak_allocated_during(fn) -> int:
     """Bytes of CPU tensor memory allocated at the peak of fn() above what was allocated when it
     started, read from the CPU allocator's own running total as the profiler records it at
     every allocation (the peak always follows an allocation): torch.cuda.max_memory_allocated
-    for a CPU run."""
+    for a CPU run. Only what fn allocates is tracked: freeing a tensor made before fn lowers no
+    total, so tensors that fn replaces must be made inside it."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 

@@ -48,18 +48,12 @@ def shape_of(config, qcfg=QuantConfig()):
                                        ("deepseek_v3", True)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("micro", [None, 1])
-def test_measured_peak_stays_within_the_estimate(one_block_models, name, park, dtype, micro, request):
+def test_measured_peak_stays_within_the_estimate(one_block_models, name, park, dtype, micro):
     """Activations resident on the (CPU) device, as a roomy GPU budget plans them: weights,
     inputs and everything quantize_block allocates peak below the estimate without its slack.
     With the experts parked (Qwen2-MoE: routed experts parked, the shared one on the device),
     their weights are in host memory: not counted as held, and every copy of them that comes to
     the device is (each load is a real copy, on a CPU too)."""
-    if (name, park, dtype, micro) == ("deepseek_v3", False, torch.float32, 1):
-        # alone, measured 80.47 MB against 78.57 MB: the norm group's first candidates (18.9 MB, all
-        # 8 experts' and the shared expert's gate/up) coexist with the weights they replace (19.9 MB
-        # allocated inside the first _set_candidate, 2.1 MB in the next); after the rest of the
-        # suite it measured under (one-time allocations already made), so not strict; not fixed yet
-        request.applymarker(pytest.mark.xfail(reason="planner 2.4 % under the measured peak when run alone"))
     config = AutoConfig.from_pretrained(one_block_models[name])
     family, cpu, elem = detect(config), torch.device("cpu"), torch.finfo(dtype).bits // 8
     plan = plan_block(shape_of(config), N_SAMPLES, SEQLEN, elem, budget=10**12, micro=micro, park=park)
@@ -71,9 +65,15 @@ def test_measured_peak_stays_within_the_estimate(one_block_models, name, park, d
     kwargs = family.block_kwargs(config, SEQLEN, cpu, dtype)
     on_device = [p for m in block.modules() if not is_parked(m) for p in m.parameters(recurse=False)]
     assert len(on_device) < len(list(block.parameters())) if park else len(on_device) == len(list(block.parameters()))
-    held = sum(p.numel() for p in on_device) * elem + x.numel() * elem
-    measured = held + peak_allocated_during(
-        lambda: quantize_block(block, family, config, chunks, kwargs, QuantConfig(), cpu, micro=micro))
+
+    def upload_and_quantize():
+        # the device's weights, allocated where the profiler sees them: the search replaces a
+        # group's weights by their clones and candidates, and the allocator's frees of tensors
+        # made before profiling are not counted (a GPU's are), which counted those weights twice
+        for p in on_device:
+            p.data = p.data.clone()
+        quantize_block(block, family, config, chunks, kwargs, QuantConfig(), cpu, micro=micro)
+    measured = x.numel() * elem + peak_allocated_during(upload_and_quantize)
     assert measured <= plan.estimated_peak_bytes - SLACK_BYTES, (measured, plan)
 
 
