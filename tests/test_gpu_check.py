@@ -35,7 +35,7 @@ def test_cpu_mode_passes_every_stage_it_can_run(cpu_run):
     stages = summary["stages"]
     assert list(stages) == ["env", "build", "gpu-tests", "kernels-run", "ppl", "formats", "wide-opt-30b",
                             "bench-kernels", "bench-matmul", "wide-llama-3-70b", "wide-llama-2-7b", "wide-llama-2-7b-gptq", "wide-mixtral-8x7b",
-                            "trace-llama-2-7b", "wide-deepseek-v3"]
+                            "trace-llama-2-7b", "wide-deepseek-v3", "rtn-llama-2-7b"]
     cuda_only = ("build", "gpu-tests", "kernels-run", "bench-kernels", "bench-matmul")
     for name in cuda_only:
         assert stages[name] == {"status": "skipped", "reason": "needs a CUDA device"}
@@ -49,6 +49,13 @@ def test_trace_stage_profiles_one_block(cpu_run):
     table = cpu_run[1]["stages"]["trace-llama-2-7b"]["table"]
     assert any("under the profiler" in line for line in table) and any("aten::mm" in line for line in table)
     assert "| capture |" in "\n".join(table)  # the phases beside the operators
+
+
+def test_rtn_stage_runs_without_calibration(cpu_run):
+    stage = cpu_run[1]["stages"]["rtn-llama-2-7b"]
+    (run,) = stage["runs"].values()  # on a CPU no second device to compare with
+    assert run["data_free"] is True and run["device"] == "cpu" and len(run["block_seconds"]) == stage["layers"]
+    assert stage["identical"] is None
 
 
 def test_formats_stage_loads_the_output_with_transformers(cpu_run):

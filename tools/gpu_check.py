@@ -61,6 +61,7 @@ STAGES = (
     # one DeepSeek-V3 sparse block from an FP8 source: 70GB (the whole block) and 40GB (experts
     # parked, read from the shards at each use and decoded on the GPU)
     Stage("wide-deepseek-v3", False, 480, 120),
+    Stage("rtn-llama-2-7b", False, 120, 60),  # data-free RTN on the device against the CPU: the same bytes
     Stage("suite", False, 600, 0),  # the whole test suite (suspect: tests that assume a CPU); --suite only
 )
 
@@ -431,6 +432,50 @@ def stage_wide(name: str, method: str = "awq"):
     return run
 
 
+def stage_rtn(args, work: Path, log: Path, deadline: float) -> dict:
+    """Data-free round-to-nearest (`--mode rtn`: no tokenizer, no calibration) of a random
+    LLaMA-2-7B-width model on the run's device and on the CPU: seconds per block each, peak
+    device memory and RSS, and whether the outputs are the same bytes (RTN is elementwise
+    arithmetic, a max and a min: exact on both, so any difference is a bug)."""
+    from make_wide_model import write
+
+    cfg = settings(args)
+    spec = (WIDE_SMALL if args.small else WIDE)["llama-2-7b"]
+    model = work / "model-rtn"
+    if not (model / "config.json").is_file():
+        write(model, spec.family, cfg["layers"], spec.hidden, spec.ffn, spec.heads, cfg["vocab"], 0, spec.kv_heads,
+              "cuda" if args.device == "cuda" else "cpu")
+    result: dict = {"shape": vars(spec), "layers": cfg["layers"], "runs": {}}
+    digests = {}
+    # the CPU mode has no second device to compare with: its one run checks the stage itself
+    for label, device in [(args.device, args.device)] + [("cpu-reference", "cpu")] * (args.device != "cpu"):
+        out = work / f"out-rtn-{label}"
+        rc, secs, tail = streamq("run", "--model", model, "--output", out, "--overwrite", "--mode", "rtn",
+                                 "--device", device, "--kernels", args.kernels if device == "cuda" else "torch",
+                                 timeout=remaining(deadline), log=log)
+        if rc != 0:
+            result["runs"][label] = {"exit": rc, "error": tail[-600:]}
+            continue
+        info = json.loads((out / "streamq.json").read_text())
+        blocks = info["blocks"]
+        alloc = [b["peak_gpu_bytes"] for b in blocks if b.get("peak_gpu_bytes") is not None]
+        result["runs"][label] = {
+            "device": device, "seconds": round(secs, 1), "data_free": info.get("data_free"),
+            "block_seconds": [b["seconds"] for b in blocks],
+            "median_block_seconds": statistics.median(b["seconds"] for b in blocks),
+            "peak_allocated_bytes": max(alloc) if alloc else None,
+            "peak_rss_bytes": max(b["peak_rss_bytes"] for b in blocks)}
+        digests[label] = output_digest(out)
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(model, ignore_errors=True)
+    result["identical"] = (None if len(result["runs"]) == 1 else
+                           len(digests) == 2 and len(set(map(json.dumps, digests.values()))) == 1)
+    result["ok"] = result["identical"] is not False and len(digests) == len(result["runs"]) and all("error" not in r and r["data_free"] for r in result["runs"].values())
+    return result
+
+
 def stage_trace(args, work: Path, log: Path, deadline: float) -> dict:
     """One LLaMA-2-7B-width block's quantization under torch.profiler (tools/trace_block.py), at
     the paper's calibration as the engine plans it: its phases and top operators by self time;
@@ -475,6 +520,7 @@ RUNNERS = {
     **{f"wide-{name}": stage_wide(name) for name in WIDE},
     "wide-llama-2-7b-gptq": stage_wide("llama-2-7b", "gptq"),
     "trace-llama-2-7b": stage_trace,
+    "rtn-llama-2-7b": stage_rtn,
 }
 
 
@@ -543,6 +589,11 @@ def figures(name: str, r: dict) -> str:
     if name == "bench-matmul":
         rows = [[c.strip() for c in line.split("|")] for line in r.get("table", [])]
         return "; ".join(f"{c[1]} {c[3]} GMAC/s" for c in rows if len(c) > 4 and c[1] in ("float32", "bfloat16", "float16"))
+    if name.startswith("rtn-"):
+        runs = "; ".join(f"{label}: {run['median_block_seconds']:.2f} s/block, RSS {run['peak_rss_bytes'] / GiB:.2f} GiB"
+                         + (f", alloc {run['peak_allocated_bytes'] / GiB:.2f} GiB" if run.get("peak_allocated_bytes") else "")
+                         if "error" not in run else f"{label}: exit {run['exit']}" for label, run in r.get("runs", {}).items())
+        return f"identical {r.get('identical')}; {runs}"
     if name.startswith("trace-"):
         head = next((line for line in r.get("table", []) if "under the profiler" in line), "")
         return head.split(": ")[-1] + " (phases and top operators in summary.json)"
