@@ -35,7 +35,8 @@ def test_cpu_mode_passes_every_stage_it_can_run(cpu_run):
     stages = summary["stages"]
     assert list(stages) == ["env", "build", "gpu-tests", "kernels-run", "ppl", "formats", "wide-opt-30b",
                             "bench-kernels", "bench-matmul", "wide-llama-3-70b", "wide-llama-2-7b", "wide-llama-2-7b-gptq", "wide-mixtral-8x7b",
-                            "trace-llama-2-7b", "wide-deepseek-v3", "rtn-llama-2-7b"]
+                            "trace-llama-2-7b", "wide-deepseek-v3", "rtn-llama-2-7b",
+                            "parallel-2-ranks"]
     cuda_only = ("build", "gpu-tests", "kernels-run", "bench-kernels", "bench-matmul")
     for name in cuda_only:
         assert stages[name] == {"status": "skipped", "reason": "needs a CUDA device"}
@@ -56,6 +57,14 @@ def test_rtn_stage_runs_without_calibration(cpu_run):
     (run,) = stage["runs"].values()  # on a CPU no second device to compare with
     assert run["data_free"] is True and run["device"] == "cpu" and len(run["block_seconds"]) == stage["layers"]
     assert stage["identical"] is None
+
+
+def test_parallel_stage_splits_the_blocks_over_two_ranks_to_the_same_bytes(cpu_run):
+    stage = cpu_run[1]["stages"]["parallel-2-ranks"]
+    assert stage["identical"] is True
+    ranks = stage["runs"]["torchrun-2"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["blocks"][0] == 0
+    assert ranks[0]["blocks"][1] == ranks[1]["blocks"][0] and ranks[1]["blocks"][1] == stage["layers"]
 
 
 def test_formats_stage_loads_the_output_with_transformers(cpu_run):

@@ -62,6 +62,7 @@ STAGES = (
     # parked, read from the shards at each use and decoded on the GPU)
     Stage("wide-deepseek-v3", False, 480, 120),
     Stage("rtn-llama-2-7b", False, 120, 60),  # data-free RTN on the device against the CPU: the same bytes
+    Stage("parallel-2-ranks", False, 180, 90),  # torchrun, 2 ranks sharing the device, against one process
     Stage("suite", False, 600, 0),  # the whole test suite (suspect: tests that assume a CPU); --suite only
 )
 
@@ -476,6 +477,51 @@ def stage_rtn(args, work: Path, log: Path, deadline: float) -> dict:
     return result
 
 
+def stage_parallel(args, work: Path, log: Path, deadline: float) -> dict:
+    """Block-parallel AWQ under torchrun, 2 ranks on the one device (gloo; on a GPU both ranks
+    share it and split its free memory), against one process: every output tensor the same
+    bytes, wall time of each, and the ranks' blocks, waits and peaks (streamq.json's `ranks`).
+    A random LLaMA-2-7B-width model of 4 blocks at the paper's calibration (tiny in --small)."""
+    from bench_parallel import tensors
+    from make_wide_model import write
+
+    cfg = settings(args)
+    spec = (WIDE_SMALL if args.small else WIDE)["llama-2-7b"]
+    layers = 4
+    model = work / "model-parallel"
+    if not (model / "config.json").is_file():
+        write(model, spec.family, layers, spec.hidden, spec.ffn, spec.heads, cfg["vocab"], 0, spec.kv_heads,
+              "cuda" if args.device == "cuda" else "cpu")
+    ids = calibration_ids(work, cfg["n_samples"] * cfg["seqlen"] * 2, cfg["vocab"])
+    common = ["run", "--model", model, "--calib", ids, "--n-samples", cfg["n_samples"], "--seqlen", cfg["seqlen"],
+              "--device", args.device, "--kernels", args.kernels, "--overwrite"]
+    threads = {} if args.device == "cuda" else {"OMP_NUM_THREADS": "1"}  # CPU ranks: one thread each
+    result: dict = {"shape": vars(spec), "layers": layers, "calibration": f"{cfg['n_samples']} x {cfg['seqlen']}",
+                    "runs": {}}
+    found = {}
+    for label, launcher in (("one-process", [sys.executable, "-m", "streamq"]),
+                            ("torchrun-2", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                            "--nproc-per-node", "2", "-m", "streamq"])):
+        out = work / f"out-parallel-{label}"
+        rc, secs, tail = sh([*launcher, *common, "--output", out], remaining(deadline), log, env=threads)
+        if rc != 0:
+            result["runs"][label] = {"exit": rc, "error": tail[-600:]}
+            continue
+        info = json.loads((out / "streamq.json").read_text())
+        alloc = [b["peak_gpu_bytes"] for b in info["blocks"] if b.get("peak_gpu_bytes") is not None]
+        result["runs"][label] = {"seconds": round(secs, 1), "block_seconds": [b["seconds"] for b in info["blocks"]],
+                                 "peak_allocated_bytes": max(alloc) if alloc else None,
+                                 "ranks": info.get("ranks")}
+        found[label] = tensors(out)
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(model, ignore_errors=True)
+    result["identical"] = len(found) == 2 and found["one-process"] == found["torchrun-2"]
+    result["ok"] = result["identical"] and all("error" not in r for r in result["runs"].values())
+    return result
+
+
 def stage_trace(args, work: Path, log: Path, deadline: float) -> dict:
     """One LLaMA-2-7B-width block's quantization under torch.profiler (tools/trace_block.py), at
     the paper's calibration as the engine plans it: its phases and top operators by self time;
@@ -521,6 +567,7 @@ RUNNERS = {
     "wide-llama-2-7b-gptq": stage_wide("llama-2-7b", "gptq"),
     "trace-llama-2-7b": stage_trace,
     "rtn-llama-2-7b": stage_rtn,
+    "parallel-2-ranks": stage_parallel,
 }
 
 
@@ -589,6 +636,11 @@ def figures(name: str, r: dict) -> str:
     if name == "bench-matmul":
         rows = [[c.strip() for c in line.split("|")] for line in r.get("table", [])]
         return "; ".join(f"{c[1]} {c[3]} GMAC/s" for c in rows if len(c) > 4 and c[1] in ("float32", "bfloat16", "float16"))
+    if name.startswith("parallel-"):
+        runs = r.get("runs", {})
+        return f"identical {r.get('identical')}; " + "; ".join(
+            f"{label}: {run['seconds']} s" if "error" not in run else f"{label}: exit {run['exit']}"
+            for label, run in runs.items())
     if name.startswith("rtn-"):
         runs = "; ".join(f"{label}: {run['median_block_seconds']:.2f} s/block, RSS {run['peak_rss_bytes'] / GiB:.2f} GiB"
                          + (f", alloc {run['peak_allocated_bytes'] / GiB:.2f} GiB" if run.get("peak_allocated_bytes") else "")
