@@ -39,8 +39,18 @@ class BlockScaled:
         if tuple(scales.shape) != want:
             raise UnsupportedModelError(f"a {rows} x {cols} FP8 weight in {b0} x {b1} blocks needs {want[0]} x "
                                         f"{want[1]} scales, found {tuple(scales.shape)}")
-        s = scales.float().repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
-        return values.float().mul_(s)
+        # in place, one float32 copy of the weight: each run of whole blocks (and the partial
+        # last row and column of blocks) viewed as [blocks, rows of one, blocks, columns of one]
+        # times its scales broadcast, instead of a full-size float32 tensor of repeated scales
+        out, s = values.float(), scales.float()
+        whole_r, whole_c = rows // b0, cols // b1
+        for rows_at, blocks_r in ((slice(0, whole_r * b0), slice(0, whole_r)), (slice(whole_r * b0, rows), slice(whole_r, None))):
+            for cols_at, blocks_c in ((slice(0, whole_c * b1), slice(0, whole_c)), (slice(whole_c * b1, cols), slice(whole_c, None))):
+                part, by = out[rows_at, cols_at], s[blocks_r, blocks_c]
+                if part.numel():
+                    n_r, n_c = by.shape
+                    part.unflatten(1, (n_c, -1)).unflatten(0, (n_r, -1)).mul_(by[:, None, :, None])
+        return out
 
 
 def block_scaled(hf_config: Any) -> BlockScaled | None:
