@@ -6,12 +6,10 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-import torch
-
 from .errors import SettingsError
 
 MODES = ("awq", "rtn", "s2", "keep1")
-STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+STORAGE_DTYPES = ("float16", "bfloat16")  # names of torch dtypes: torch is imported where a tensor is made
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -118,8 +116,10 @@ class QuantConfig:
         return self.mode
 
     @property
-    def storage_torch_dtype(self) -> torch.dtype:
-        return STORAGE_DTYPES[self.storage_dtype]
+    def storage_torch_dtype(self) -> "torch.dtype":
+        import torch
+
+        return getattr(torch, self.storage_dtype)
 
     @property
     def data_free(self) -> bool:
