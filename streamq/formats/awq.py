@@ -20,6 +20,12 @@ _SLOT_BITS = 4
 _PER_INT32 = 32 // _SLOT_BITS
 
 
+def _little_endian(what: str) -> None:
+    """pack_gemm and unpack_gemm see an int32 word as its four bytes, low byte first."""
+    if sys.byteorder != "little":
+        raise RuntimeError(f"AWQ {what} reads an int32 as four little-endian bytes; this machine is big-endian")
+
+
 def pack_gemm(codes: torch.Tensor) -> torch.Tensor:
     """Pack codes [rows, cols] (values < 16) into int32 [rows, cols / 8] in AWQ order.
 
@@ -29,8 +35,7 @@ def pack_gemm(codes: torch.Tensor) -> torch.Tensor:
     rows, cols = codes.shape
     if cols % _PER_INT32:
         raise ValueError(f"packed width {cols} is not a multiple of {_PER_INT32}")
-    if sys.byteorder != "little":
-        raise RuntimeError("AWQ packing reads four bytes as a little-endian int32; this machine is big-endian")
+    _little_endian("packing")
     c = codes.reshape(rows, cols // _PER_INT32, _PER_INT32)
     packed = torch.empty(rows, cols // _PER_INT32, 4, dtype=torch.uint8, device=codes.device)
     for j in range(4):
@@ -44,8 +49,7 @@ def unpack_gemm(packed: torch.Tensor) -> torch.Tensor:
     read as its four little-endian bytes and each byte's low and high nibble written to their
     columns, in uint8 (3-5x faster than shifting every word eight times in int32)."""
     rows, n = packed.shape
-    if sys.byteorder != "little":
-        raise RuntimeError("AWQ unpacking reads an int32 as four little-endian bytes; this machine is big-endian")
+    _little_endian("unpacking")
     words = packed.contiguous().view(torch.uint8).reshape(rows, n, 4)
     codes = torch.empty(rows, n, _PER_INT32, dtype=torch.uint8, device=packed.device)
     for j in range(4):

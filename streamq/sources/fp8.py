@@ -43,14 +43,19 @@ class BlockScaled:
         # last row and column of blocks) viewed as [blocks, rows of one, blocks, columns of one]
         # times its scales broadcast, instead of a full-size float32 tensor of repeated scales
         out, s = values.float(), scales.float()
-        whole_r, whole_c = rows // b0, cols // b1
-        for rows_at, blocks_r in ((slice(0, whole_r * b0), slice(0, whole_r)), (slice(whole_r * b0, rows), slice(whole_r, None))):
-            for cols_at, blocks_c in ((slice(0, whole_c * b1), slice(0, whole_c)), (slice(whole_c * b1, cols), slice(whole_c, None))):
+        for rows_at, blocks_r in _runs(rows, b0):
+            for cols_at, blocks_c in _runs(cols, b1):
                 part, by = out[rows_at, cols_at], s[blocks_r, blocks_c]
                 if part.numel():
-                    n_r, n_c = by.shape
-                    part.unflatten(1, (n_c, -1)).unflatten(0, (n_r, -1)).mul_(by[:, None, :, None])
+                    part.unflatten(1, (by.shape[1], -1)).unflatten(0, (by.shape[0], -1)).mul_(by[:, None, :, None])
         return out
+
+
+def _runs(n: int, block: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Along an axis of n values in blocks of `block`: (values, blocks) of the whole blocks, and
+    of the partial last block (empty when there is none)."""
+    whole = n // block
+    return (slice(0, whole * block), slice(0, whole)), (slice(whole * block, n), slice(whole, None))
 
 
 def block_scaled(hf_config: Any) -> BlockScaled | None:
